@@ -1,0 +1,146 @@
+import AsyncHTTPClient
+import ConcordCore
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+
+/// Calls a publisher's protocol v1 over HTTP.
+///
+/// Every failure surfaces as a ``ConcordError``: the publisher's own code when it sent
+/// one, `.unavailable` when it could not be reached or failed on its side.
+public struct SourceClient: Sendable {
+    public struct Configuration: Sendable {
+        /// How long a plain request may take.
+        public var requestTimeout: Duration = .seconds(60)
+        /// Largest response body read into memory.
+        public var maxResponseBytes = 512 << 20
+        public init() {}
+    }
+
+    public let baseURL: String
+    public let configuration: Configuration
+    let http: HTTPClient
+
+    /// - Parameter baseURL: the publisher, e.g. `http://127.0.0.1:7070`.
+    public init(baseURL: String, http: HTTPClient, configuration: Configuration = Configuration()) {
+        var base = baseURL
+        while base.hasSuffix("/") { base.removeLast() }
+        self.baseURL = base
+        self.http = http
+        self.configuration = configuration
+    }
+
+    /// An HTTP client with the timeouts a subscriber wants: a dead connection is noticed
+    /// within `idleTimeout` (streams send heartbeats more often than that).
+    public static func makeHTTPClient(idleTimeout: Duration = .seconds(30)) -> HTTPClient {
+        var configuration = HTTPClient.Configuration()
+        configuration.timeout = .init(connect: .seconds(5), read: .nanoseconds(idleTimeout.nanoseconds))
+        configuration.decompression = .disabled
+        return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+    }
+
+    public func feed() async throws -> FeedInfo {
+        let (body, _) = try await get("/v1/feed")
+        return try WireFormat.decodeFeed(body)
+    }
+
+    /// Changes after `after` (long-polling up to `wait`), and the head the publisher reported.
+    public func changes(after: LSN, limit: Int, wait: Int = 0, collections: [String]? = nil) async throws
+        -> (items: [StreamItem], head: LSN?)
+    {
+        var path = "/v1/changes?after=\(after)&limit=\(limit)&wait=\(wait)"
+        if let collections { path += "&collections=" + collections.joined(separator: ",") }
+        let (body, headers) = try await get(path, timeout: .seconds(Int64(wait)) + configuration.requestTimeout)
+        var lines = LineSplitter()
+        lines.append(body)
+        var items: [StreamItem] = []
+        while let line = lines.next() {
+            if case .item(let item) = try WireFormat.parseStreamLine(line) { items.append(item) }
+        }
+        return (items, headers.first(name: "concord-head").flatMap { LSN($0) })
+    }
+
+    public func page(collection: String, afterKey: String?, limit: Int) async throws -> SnapshotPage {
+        var path = "/v1/collections/\(collection)/records?limit=\(limit)"
+        if let afterKey {
+            path += "&afterKey=" + (afterKey.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? afterKey)
+        }
+        let (body, _) = try await get(path)
+        return try WireFormat.decodePage(body)
+    }
+
+    /// Opens the live change stream after `after`; the caller reads the body.
+    public func stream(after: LSN, collections: [String]? = nil) async throws -> HTTPClientResponse {
+        var path = "/v1/changes/stream?after=\(after)"
+        if let collections { path += "&collections=" + collections.joined(separator: ",") }
+        let request = HTTPClientRequest(url: baseURL + path)
+        let response: HTTPClientResponse
+        do {
+            // The stream has no end; a dead connection is caught by the client's idle timeout.
+            response = try await http.execute(request, timeout: .hours(24 * 365))
+        } catch {
+            throw ConcordError(.unavailable, "cannot reach \(baseURL): \(error)")
+        }
+        guard response.status == .ok else {
+            let body = try? await response.body.collect(upTo: 1 << 20)
+            throw Self.failure(status: response.status, body: body.map { Array(buffer: $0) } ?? [])
+        }
+        return response
+    }
+
+    /// Writes an atomic batch; returns the LSN of its last change.
+    @discardableResult
+    public func write(_ operations: [WriteOperation]) async throws -> LSN {
+        var request = HTTPClientRequest(url: baseURL + "/v1/write")
+        request.method = .POST
+        request.headers.add(name: "content-type", value: "application/json")
+        request.body = .bytes(ByteBuffer(bytes: WireFormat.encodeWriteRequest(operations)))
+        let (body, _) = try await send(request, timeout: configuration.requestTimeout)
+        let scanner = JSONScanner(body)
+        var lsn: LSN?
+        try scanner.forEachMember(of: try scanner.document()) { (name, value) throws(ConcordError) in
+            if name == "lsn" { lsn = try scanner.decodeUInt64(value) }
+        }
+        guard let lsn else { throw ConcordError(.protocolViolation, "write answer without lsn") }
+        return lsn
+    }
+
+    // MARK: Plumbing
+
+    func get(_ path: String, timeout: Duration? = nil) async throws -> ([UInt8], HTTPHeaders) {
+        try await send(HTTPClientRequest(url: baseURL + path), timeout: timeout ?? configuration.requestTimeout)
+    }
+
+    func send(_ request: HTTPClientRequest, timeout: Duration) async throws -> ([UInt8], HTTPHeaders) {
+        let response: HTTPClientResponse
+        let body: ByteBuffer
+        do {
+            response = try await http.execute(request, timeout: .nanoseconds(timeout.nanoseconds))
+            body = try await response.body.collect(upTo: configuration.maxResponseBytes)
+        } catch let error as CancellationError {
+            throw error
+        } catch {
+            throw ConcordError(.unavailable, "cannot reach \(baseURL): \(error)")
+        }
+        guard response.status == .ok else {
+            throw Self.failure(status: response.status, body: Array(buffer: body))
+        }
+        return (Array(buffer: body), response.headers)
+    }
+
+    static func failure(status: HTTPResponseStatus, body: [UInt8]) -> ConcordError {
+        if let error = WireFormat.decodeError(body) {
+            // A server-side failure is worth retrying; a refusal of the request is not.
+            if status.code >= 500 { return ConcordError(.unavailable, "\(error.code): \(error.message)") }
+            return error
+        }
+        return ConcordError(status.code >= 500 ? .unavailable : .protocolViolation, "HTTP \(status.code)")
+    }
+}
+
+extension Duration {
+    var nanoseconds: Int64 {
+        components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000
+    }
+}

@@ -1,0 +1,229 @@
+import AsyncHTTPClient
+import ConcordCore
+import ConcordSQLite
+import Logging
+import NIOCore
+import ServiceLifecycle
+import Synchronization
+
+/// Keeps a ``ReplicaStore`` equal to a publisher's feed: bootstraps a new replica from
+/// snapshot pages while following the log, then applies the live stream.
+///
+/// Runs until cancelled or shut down gracefully. Network failures and publisher
+/// restarts are retried with backoff from the position stored in the replica; only a
+/// replica that belongs to another feed stops it with an error.
+public final class Subscriber: Service, Sendable {
+    public struct Configuration: Sendable {
+        /// The publisher, e.g. `http://127.0.0.1:7070`.
+        public var source: String
+        /// Follow only these collections; `nil`: all.
+        public var collections: [String]?
+        /// Records per snapshot page.
+        public var pageSize = 5000
+        /// Changes per pull while catching up.
+        public var pullLimit = 10_000
+        public var backoffInitial: Duration = .milliseconds(100)
+        public var backoffMaximum: Duration = .seconds(5)
+
+        public init(source: String, collections: [String]? = nil) {
+            self.source = source
+            self.collections = collections
+        }
+    }
+
+    /// What the subscriber is doing, for status displays.
+    public enum Activity: String, Sendable {
+        case starting, bootstrapping, following, retrying
+    }
+
+    public let configuration: Configuration
+    public let store: ReplicaStore
+    let client: SourceClient
+    let logger: Logger
+    let activityBox = ActivityBox()
+
+    public init(configuration: Configuration, store: ReplicaStore, http: HTTPClient, logger: Logger) {
+        self.configuration = configuration
+        self.store = store
+        self.client = SourceClient(baseURL: configuration.source, http: http)
+        self.logger = logger
+    }
+
+    public var activity: Activity { activityBox.value }
+
+    public func run() async throws {
+        try await cancelWhenGracefulShutdown {
+            var backoff = Backoff(initial: self.configuration.backoffInitial, maximum: self.configuration.backoffMaximum)
+            while !Task.isCancelled {
+                do {
+                    try await self.session(resetting: &backoff)
+                } catch let error as ConcordError where error.code == .feedMismatch {
+                    self.logger.error("stopping: \(error.message)")
+                    throw error
+                } catch is CancellationError {
+                    return
+                } catch {
+                    if Task.isCancelled { return }
+                    self.activityBox.value = .retrying
+                    let delay = backoff.next()
+                    self.logger.warning("source unavailable, retrying", metadata: ["error": "\(error)", "in": "\(delay)"])
+                    try? await Task.sleep(for: delay)
+                }
+            }
+        }
+    }
+
+    /// One connection's worth of work: check the feed, bootstrap if needed, follow.
+    func session(resetting backoff: inout Backoff) async throws {
+        activityBox.value = .starting
+        let feed = try await client.feed()
+        var state = try store.state()
+        if state == nil {
+            let available = feed.collections.map(\.name)
+            let paged = configuration.collections.map { wanted in available.filter(wanted.contains) } ?? available
+            state = try await store.initialize(
+                feedID: feed.feedID, source: configuration.source, head: feed.head, collections: paged,
+                filter: configuration.collections)
+            logger.info("new replica", metadata: ["feed": "\(feed.feedID)", "head": "\(feed.head)"])
+        }
+        guard let state else { return }
+        guard state.feedID == feed.feedID else {
+            throw ConcordError(
+                .feedMismatch,
+                "this replica follows feed \(state.feedID), but \(configuration.source) serves feed \(feed.feedID)")
+        }
+        guard state.position <= feed.head else {
+            throw ConcordError(
+                .feedMismatch,
+                "this replica is at LSN \(state.position), past the source's head \(feed.head): the source lost changes"
+            )
+        }
+        try await store.noteSourceHead(feed.head)
+        backoff.reset()
+        if state.progress.phase == .bootstrapping {
+            activityBox.value = .bootstrapping
+            try await bootstrap(state)
+        }
+        activityBox.value = .following
+        try await follow()
+    }
+
+    // MARK: Bootstrap
+
+    func bootstrap(_ state: ReplicaState) async throws {
+        for (collection, cursor) in state.progress.remaining.sorted(by: { $0.key < $1.key }) {
+            logger.info("copying collection", metadata: ["collection": "\(collection)"])
+            var page = try await client.page(collection: collection, afterKey: cursor, limit: configuration.pageSize)
+            while true {
+                let current = page
+                var next: SnapshotPage?
+                // Fetch the next page while this one is written.
+                try await withThrowingTaskGroup(of: SnapshotPage?.self) { group in
+                    if current.hasMore, let last = current.records.last?.key {
+                        group.addTask {
+                            try await self.client.page(
+                                collection: collection, afterKey: last, limit: self.configuration.pageSize)
+                        }
+                    }
+                    group.addTask {
+                        try await self.store.apply(current)
+                        return nil
+                    }
+                    for try await result in group where result != nil { next = result }
+                }
+                // Keep the log applied alongside, so the replica never falls far behind.
+                _ = try await pull(maxRounds: 1)
+                guard let following = next else { break }
+                page = following
+            }
+        }
+        while true {
+            if try await store.completeBootstrapIfReady() {
+                let position = try store.state()?.position ?? 0
+                logger.info("bootstrap complete", metadata: ["position": "\(position)"])
+                return
+            }
+            if try await pull(maxRounds: 1) == 0 {
+                throw ConcordError(.protocolViolation, "bootstrap cannot complete: the source's log ends before its pages")
+            }
+        }
+    }
+
+    /// Pulls and applies changes until the source has none newer or `maxRounds` pulls were made;
+    /// returns the number of changes applied.
+    @discardableResult
+    func pull(maxRounds: Int = .max, until target: LSN? = nil) async throws -> Int {
+        var total = 0
+        for _ in 0..<maxRounds {
+            guard let position = try store.state()?.position else { return total }
+            if let target, position >= target { return total }
+            let (items, head) = try await client.changes(
+                after: position, limit: configuration.pullLimit, collections: configuration.collections)
+            if let head { try await store.noteSourceHead(head) }
+            var sequencer = ChangeSequencer(after: position)
+            for item in items {
+                if case .gap(let expected, let received) = sequencer.receive(item) {
+                    throw ConcordError(.protocolViolation, "pull skipped from \(expected) to \(received)")
+                }
+            }
+            guard let (complete, through) = sequencer.takeComplete() else { return total }
+            try await store.apply(complete, through: through)
+            total += complete.count
+        }
+        return total
+    }
+
+    // MARK: Following
+
+    /// Applies the live stream. Returns when the stream ends; a hole in it is refilled by a pull first.
+    func follow() async throws {
+        guard let position = try store.state()?.position else { return }
+        let response = try await client.stream(after: position, collections: configuration.collections)
+        var sequencer = ChangeSequencer(after: position)
+        var lines = LineSplitter()
+        var bootstrapping = try store.state()?.progress.phase == .bootstrapping
+        do {
+            for try await chunk in response.body {
+                lines.append(chunk.readableBytesView)
+                while let line = lines.next() {
+                    switch try WireFormat.parseStreamLine(line) {
+                    case .heartbeat(let head):
+                        try await store.noteSourceHead(head)
+                    case .item(let item):
+                        if case .gap(let expected, let received) = sequencer.receive(item) {
+                            logger.warning(
+                                "gap in stream, refilling by pull",
+                                metadata: ["expected": "\(expected)", "received": "\(received)"])
+                            if let (items, through) = sequencer.takeComplete() {
+                                try await store.apply(items, through: through)
+                            }
+                            try await pull(until: received)
+                            return
+                        }
+                    }
+                }
+                if let (items, through) = sequencer.takeComplete() {
+                    try await store.apply(items, through: through)
+                    if bootstrapping, try await store.completeBootstrapIfReady() { bootstrapping = false }
+                }
+            }
+        } catch let error as ConcordError {
+            throw error
+        } catch is CancellationError {
+            return
+        } catch {
+            if Task.isCancelled { return }
+            throw ConcordError(.unavailable, "stream from \(configuration.source) broke: \(error)")
+        }
+        if !Task.isCancelled { throw ConcordError(.unavailable, "stream from \(configuration.source) ended") }
+    }
+}
+
+/// The subscriber's current activity, readable from other tasks.
+final class ActivityBox: Sendable {
+    private let box = Mutex<Subscriber.Activity>(.starting)
+    var value: Subscriber.Activity {
+        get { box.withLock { $0 } }
+        set { box.withLock { $0 = newValue } }
+    }
+}

@@ -1,0 +1,402 @@
+/// The NDJSON lines and JSON bodies of Concord's HTTP protocol (version 1).
+///
+/// Values travel as raw JSON inside the line (never re-escaped), so a person with
+/// `curl` reads them as they were written and a subscriber stores them byte for byte.
+public enum WireFormat {
+    /// Limits on what a peer may send.
+    public struct Limits: Sendable, Hashable {
+        public var maxKeyBytes = 1024
+        public var maxValueBytes = 1 << 20
+        public var maxBatchChanges = 10_000
+        public var maxDepth = JSONScanner.defaultMaxDepth
+        public init() {}
+    }
+
+    // MARK: Stream items
+
+    /// `{"lsn":7,"collection":"users","key":"42","op":"upsert","value":{...},"commit":true}`,
+    /// `{"lsn":9,"from":8,"op":"skip","commit":true}`, each followed by a newline.
+    public static func append(_ item: StreamItem, to writer: inout JSONWriter) {
+        switch item {
+        case .change(let change):
+            writer.raw("{\"lsn\":")
+            writer.number(change.lsn)
+            writer.raw(",\"collection\":")
+            writer.string(change.collection)
+            writer.raw(",\"key\":")
+            writer.string(change.key)
+            if let value = change.value {
+                writer.raw(",\"op\":\"upsert\",\"value\":")
+                writer.raw(value)
+            } else {
+                writer.raw(",\"op\":\"delete\"")
+            }
+        case .skip(let from, let through, _):
+            writer.raw("{\"lsn\":")
+            writer.number(through)
+            writer.raw(",\"from\":")
+            writer.number(from)
+            writer.raw(",\"op\":\"skip\"")
+        }
+        writer.raw(item.isCommit ? ",\"commit\":true}\n" : ",\"commit\":false}\n")
+    }
+
+    /// `{"op":"heartbeat","head":N}`: keeps an idle stream open and tells the reader the head.
+    public static func appendHeartbeat(head: LSN, to writer: inout JSONWriter) {
+        writer.raw("{\"op\":\"heartbeat\",\"head\":")
+        writer.number(head)
+        writer.raw("}\n")
+    }
+
+    /// A line of a change stream as a reader sees it.
+    public enum StreamLine: Sendable, Hashable {
+        case item(StreamItem)
+        case heartbeat(head: LSN)
+    }
+
+    public static func parseStreamLine(_ line: [UInt8]) throws(ConcordError) -> StreamLine {
+        let scanner = JSONScanner(line)
+        let object = try scanner.document()
+        var lsn: LSN?
+        var from: LSN?
+        var head: LSN?
+        var collection: String?
+        var key: String?
+        var op: String?
+        var value: String?
+        var isCommit = false
+        try scanner.forEachMember(of: object) { (name, member) throws(ConcordError) in
+            switch name {
+            case "lsn": lsn = try scanner.decodeUInt64(member)
+            case "from": from = try scanner.decodeUInt64(member)
+            case "head": head = try scanner.decodeUInt64(member)
+            case "collection": collection = try scanner.decodeString(member)
+            case "key": key = try scanner.decodeString(member)
+            case "op": op = try scanner.decodeString(member)
+            case "value": value = String(decoding: scanner.bytes[member.range], as: UTF8.self)
+            case "commit": isCommit = try scanner.decodeBool(member)
+            default: break  // unknown members are for newer readers
+            }
+        }
+        switch op {
+        case "heartbeat":
+            guard let head else { throw ConcordError(.protocolViolation, "heartbeat without head") }
+            return .heartbeat(head: head)
+        case "skip":
+            guard let lsn, let from, from >= 1, from <= lsn else {
+                throw ConcordError(.protocolViolation, "skip without a valid range")
+            }
+            return .item(.skip(from: from, through: lsn, isCommit: isCommit))
+        case "upsert", "delete":
+            guard let lsn, lsn >= 1, let collection, let key else {
+                throw ConcordError(.protocolViolation, "change without lsn, collection or key")
+            }
+            let operation: ChangeOperation = op == "upsert" ? .upsert : .delete
+            if operation == .upsert, value == nil {
+                throw ConcordError(.protocolViolation, "upsert without a value")
+            }
+            return .item(
+                .change(
+                    Change(
+                        lsn: lsn, collection: collection, key: key, operation: operation,
+                        value: operation == .upsert ? value : nil, isCommit: isCommit)))
+        default:
+            throw ConcordError(.protocolViolation, "unknown stream item \(op ?? "without op")")
+        }
+    }
+
+    // MARK: Snapshot pages
+
+    /// First line: `{"collection":"users","lsn":N,"count":n,"more":true}`, then one
+    /// `{"key":"k","version":v,"value":{...}}` line per record.
+    public static func encode(_ page: SnapshotPage) -> [UInt8] {
+        var writer = JSONWriter(capacity: 64 + page.records.count * 64)
+        writer.raw("{\"collection\":")
+        writer.string(page.collection)
+        writer.raw(",\"lsn\":")
+        writer.number(page.lsn)
+        writer.raw(",\"count\":")
+        writer.number(page.records.count)
+        writer.raw(page.hasMore ? ",\"more\":true}\n" : ",\"more\":false}\n")
+        for record in page.records {
+            writer.raw("{\"key\":")
+            writer.string(record.key)
+            writer.raw(",\"version\":")
+            writer.number(record.version)
+            writer.raw(",\"value\":")
+            writer.raw(record.value)
+            writer.raw("}\n")
+        }
+        return writer.bytes
+    }
+
+    public static func decodePage(_ bytes: [UInt8]) throws(ConcordError) -> SnapshotPage {
+        var lines = LineSplitter()
+        lines.append(bytes)
+        guard let header = lines.next() else { throw ConcordError(.protocolViolation, "empty snapshot page") }
+        let headerScanner = JSONScanner(header)
+        var page = SnapshotPage(collection: "", lsn: 0, records: [], hasMore: false)
+        var count = 0
+        try headerScanner.forEachMember(of: try headerScanner.document()) { (name, member) throws(ConcordError) in
+            switch name {
+            case "collection": page.collection = try headerScanner.decodeString(member)
+            case "lsn": page.lsn = try headerScanner.decodeUInt64(member)
+            case "count": count = Int(try headerScanner.decodeUInt64(member))
+            case "more": page.hasMore = try headerScanner.decodeBool(member)
+            default: break
+            }
+        }
+        page.records.reserveCapacity(count)
+        while let line = lines.next() {
+            let scanner = JSONScanner(line)
+            var key: String?
+            var version: LSN?
+            var value: String?
+            try scanner.forEachMember(of: try scanner.document()) { (name, member) throws(ConcordError) in
+                switch name {
+                case "key": key = try scanner.decodeString(member)
+                case "version": version = try scanner.decodeUInt64(member)
+                case "value": value = String(decoding: scanner.bytes[member.range], as: UTF8.self)
+                default: break
+                }
+            }
+            guard let key, let version, let value else {
+                throw ConcordError(.protocolViolation, "snapshot record without key, version or value")
+            }
+            page.records.append(Record(key: key, version: version, value: value))
+        }
+        guard lines.remainder.isEmpty, page.records.count == count else {
+            throw ConcordError(.protocolViolation, "truncated snapshot page: \(page.records.count) of \(count) records")
+        }
+        return page
+    }
+
+    // MARK: Feed
+
+    public static func encode(_ feed: FeedInfo) -> [UInt8] {
+        var writer = JSONWriter()
+        writer.raw("{\"feed\":")
+        writer.string(feed.feedID)
+        writer.raw(",\"head\":")
+        writer.number(feed.head)
+        writer.raw(",\"oldest\":")
+        writer.number(feed.oldest)
+        writer.raw(",\"collections\":[")
+        for (index, collection) in feed.collections.enumerated() {
+            if index > 0 { writer.raw(",") }
+            writer.raw("{\"name\":")
+            writer.string(collection.name)
+            writer.raw(",\"count\":")
+            writer.number(collection.count)
+            writer.raw("}")
+        }
+        writer.raw("]}\n")
+        return writer.bytes
+    }
+
+    public static func decodeFeed(_ bytes: [UInt8]) throws(ConcordError) -> FeedInfo {
+        let scanner = JSONScanner(bytes)
+        var feed = FeedInfo(feedID: "", head: 0, oldest: 1, collections: [])
+        try scanner.forEachMember(of: try scanner.document()) { (name, member) throws(ConcordError) in
+            switch name {
+            case "feed": feed.feedID = try scanner.decodeString(member)
+            case "head": feed.head = try scanner.decodeUInt64(member)
+            case "oldest": feed.oldest = try scanner.decodeUInt64(member)
+            case "collections":
+                try scanner.forEachElement(of: member) { (element) throws(ConcordError) in
+                    var collection = FeedInfo.Collection(name: "", count: 0)
+                    try scanner.forEachMember(of: element) { (field, value) throws(ConcordError) in
+                        switch field {
+                        case "name": collection.name = try scanner.decodeString(value)
+                        case "count": collection.count = Int(try scanner.decodeUInt64(value))
+                        default: break
+                        }
+                    }
+                    feed.collections.append(collection)
+                }
+            default: break
+            }
+        }
+        guard !feed.feedID.isEmpty else { throw ConcordError(.protocolViolation, "feed info without a feed id") }
+        return feed
+    }
+
+    // MARK: Write requests
+
+    /// Parses `{"changes":[{"collection":"c","key":"k","op":"upsert","value":...}, ...]}`.
+    public static func decodeWriteRequest(_ bytes: [UInt8], limits: Limits = Limits()) throws(ConcordError)
+        -> [WriteOperation]
+    {
+        let scanner = JSONScanner(bytes, maxDepth: limits.maxDepth)
+        let document = try scanner.document()
+        guard document.kind == .object else { throw ConcordError(.invalidRequest, "the body must be a JSON object") }
+        var operations: [WriteOperation] = []
+        var sawChanges = false
+        try scanner.forEachMember(of: document) { (name, member) throws(ConcordError) in
+            guard name == "changes" else { throw ConcordError(.invalidRequest, "unknown member \"\(name)\"") }
+            sawChanges = true
+            guard member.kind == .array else { throw ConcordError(.invalidRequest, "\"changes\" must be an array") }
+            try scanner.forEachElement(of: member) { (element) throws(ConcordError) in
+                guard operations.count < limits.maxBatchChanges else {
+                    throw ConcordError(.tooLarge, "a batch holds at most \(limits.maxBatchChanges) changes")
+                }
+                let position = operations.count
+                guard element.kind == .object else {
+                    throw ConcordError(.invalidRequest, "changes[\(position)] must be an object")
+                }
+                var collection: String?
+                var key: String?
+                var op: String?
+                var value: JSONScanner.Value?
+                try scanner.forEachMember(of: element) { (field, fieldValue) throws(ConcordError) in
+                    switch field {
+                    case "collection": collection = try scanner.decodeString(fieldValue)
+                    case "key": key = try scanner.decodeString(fieldValue)
+                    case "op": op = try scanner.decodeString(fieldValue)
+                    case "value": value = fieldValue
+                    default:
+                        throw ConcordError(.invalidRequest, "changes[\(position)]: unknown member \"\(field)\"")
+                    }
+                }
+                guard let collection else {
+                    throw ConcordError(.invalidRequest, "changes[\(position)]: missing \"collection\"")
+                }
+                try CollectionName.validate(collection)
+                guard let key, !key.isEmpty else {
+                    throw ConcordError(.invalidRequest, "changes[\(position)]: missing or empty \"key\"")
+                }
+                guard key.utf8.count <= limits.maxKeyBytes else {
+                    throw ConcordError(.tooLarge, "changes[\(position)]: key longer than \(limits.maxKeyBytes) bytes")
+                }
+                switch op {
+                case "upsert":
+                    guard let value else {
+                        throw ConcordError(.invalidRequest, "changes[\(position)]: an upsert needs a \"value\"")
+                    }
+                    guard value.range.count <= limits.maxValueBytes else {
+                        throw ConcordError(
+                            .tooLarge, "changes[\(position)]: value larger than \(limits.maxValueBytes) bytes")
+                    }
+                    operations.append(.upsert(collection, key, json: scanner.compactText(value)))
+                case "delete":
+                    guard value == nil else {
+                        throw ConcordError(.invalidRequest, "changes[\(position)]: a delete takes no \"value\"")
+                    }
+                    operations.append(.delete(collection, key))
+                default:
+                    throw ConcordError(
+                        .invalidRequest, "changes[\(position)]: \"op\" must be \"upsert\" or \"delete\"")
+                }
+            }
+        }
+        guard sawChanges else { throw ConcordError(.invalidRequest, "missing \"changes\"") }
+        guard !operations.isEmpty else { throw ConcordError(.invalidRequest, "\"changes\" is empty") }
+        return operations
+    }
+
+    public static func encodeWriteRequest(_ operations: [WriteOperation]) -> [UInt8] {
+        var writer = JSONWriter(capacity: operations.count * 128)
+        writer.raw("{\"changes\":[")
+        for (index, operation) in operations.enumerated() {
+            if index > 0 { writer.raw(",") }
+            writer.raw("{\"collection\":")
+            writer.string(operation.collection)
+            writer.raw(",\"key\":")
+            writer.string(operation.key)
+            if let value = operation.value {
+                writer.raw(",\"op\":\"upsert\",\"value\":")
+                writer.raw(value)
+            } else {
+                writer.raw(",\"op\":\"delete\"")
+            }
+            writer.raw("}")
+        }
+        writer.raw("]}")
+        return writer.bytes
+    }
+
+    // MARK: Errors
+
+    /// `{"error":{"code":"...","message":"..."}}`
+    public static func encode(_ error: ConcordError) -> [UInt8] {
+        var writer = JSONWriter()
+        writer.raw("{\"error\":{\"code\":")
+        writer.string(error.code.rawValue)
+        writer.raw(",\"message\":")
+        writer.string(error.message)
+        writer.raw("}}\n")
+        return writer.bytes
+    }
+
+    /// The error a peer sent, or `nil` when the body is not one.
+    public static func decodeError(_ bytes: [UInt8]) -> ConcordError? {
+        let scanner = JSONScanner(bytes)
+        guard let document = try? scanner.document() else { return nil }
+        var result: ConcordError?
+        try? scanner.forEachMember(of: document) { (name, member) throws(ConcordError) in
+            guard name == "error" else { return }
+            var code = ""
+            var message = ""
+            try scanner.forEachMember(of: member) { (field, value) throws(ConcordError) in
+                if field == "code" { code = try scanner.decodeString(value) }
+                if field == "message" { message = try scanner.decodeString(value) }
+            }
+            result = ConcordError(.init(code), message)
+        }
+        return result
+    }
+}
+
+/// Collection names become SQL table names on replicas, so they are restricted to a safe alphabet.
+public enum CollectionName {
+    public static func validate(_ name: String) throws(ConcordError) {
+        let bytes = Array(name.utf8)
+        guard !bytes.isEmpty, bytes.count <= 63 else {
+            throw ConcordError(.invalidRequest, "collection name must be 1 to 63 characters: \"\(name)\"")
+        }
+        for (index, byte) in bytes.enumerated() {
+            let isLetter = (byte >= 0x61 && byte <= 0x7A) || byte == 0x5F
+            let isDigit = byte >= 0x30 && byte <= 0x39
+            guard isLetter || (isDigit && index > 0) else {
+                throw ConcordError(
+                    .invalidRequest,
+                    "collection name \"\(name)\" must start with a-z or _ and hold only a-z, 0-9 and _")
+            }
+        }
+        guard !name.hasPrefix("concord_"), !name.hasPrefix("sqlite_") else {
+            throw ConcordError(.invalidRequest, "collection names starting with concord_ or sqlite_ are reserved")
+        }
+    }
+}
+
+/// Splits bytes arriving in arbitrary chunks into newline-terminated lines.
+public struct LineSplitter: Sendable {
+    private var buffer: [UInt8] = []
+    private var start = 0
+
+    public init() {}
+
+    public mutating func append<Bytes: Sequence<UInt8>>(_ bytes: Bytes) {
+        if start > 0, start == buffer.count {
+            buffer.removeAll(keepingCapacity: true)
+            start = 0
+        } else if start > 65536, start * 2 > buffer.count {
+            buffer.removeSubrange(0..<start)
+            start = 0
+        }
+        buffer.append(contentsOf: bytes)
+    }
+
+    /// The next complete line without its newline; empty lines are skipped.
+    public mutating func next() -> [UInt8]? {
+        while true {
+            guard let newline = buffer[start...].firstIndex(of: 0x0A) else { return nil }
+            let line = Array(buffer[start..<newline])
+            start = newline + 1
+            if !line.isEmpty { return line }
+        }
+    }
+
+    /// Bytes received after the last newline.
+    public var remainder: ArraySlice<UInt8> { buffer[start...] }
+}

@@ -1,0 +1,341 @@
+import ConcordCore
+import Foundation
+import GRDB
+
+/// A feed's source of truth on SQLite: the current records, the change log and the head.
+///
+/// One file holds everything. Every write batch is one SQLite transaction that takes
+/// the next LSNs, appends them to the log, updates the records and moves the head, so
+/// the log never has a hole and a reader never sees half a batch.
+public final class PublisherStore: Sendable {
+    public struct Configuration: Sendable {
+        /// `.full` (default): an acknowledged write survives power loss.
+        public var durability: SQLiteDurability = .full
+        public var limits = WireFormat.Limits()
+        public init() {}
+    }
+
+    /// Collects the operations of one atomic write.
+    public struct Batch: Sendable {
+        public fileprivate(set) var operations: [WriteOperation] = []
+
+        /// Sets `key` in `collection` to `json`, which must be one valid JSON value.
+        public mutating func upsert(_ collection: String, key: String, json: String) {
+            operations.append(.upsert(collection, key, json: json))
+        }
+
+        public mutating func delete(_ collection: String, key: String) {
+            operations.append(.delete(collection, key))
+        }
+    }
+
+    public let path: String
+    public let configuration: Configuration
+    public let feedID: String
+    /// The head LSN; long-polls and streams wait on it.
+    public let headWatch: HeadWatch
+    let pool: DatabasePool
+
+    public init(path: String, configuration: Configuration = Configuration()) throws {
+        self.path = path
+        self.configuration = configuration
+        pool = try SQLiteOpener.open(path: path, durability: configuration.durability)
+        do {
+            var migrator = DatabaseMigrator()
+            migrator.registerMigration("v1") { db in
+                try db.execute(
+                    sql: """
+                        CREATE TABLE concord_feed (
+                            id INTEGER PRIMARY KEY CHECK (id = 1),
+                            feed_id TEXT NOT NULL,
+                            head INTEGER NOT NULL,
+                            created_at TEXT NOT NULL
+                        );
+                        CREATE TABLE concord_log (
+                            lsn INTEGER PRIMARY KEY,
+                            collection TEXT NOT NULL,
+                            key TEXT NOT NULL,
+                            op INTEGER NOT NULL,
+                            value TEXT,
+                            is_commit INTEGER NOT NULL,
+                            committed_at INTEGER NOT NULL
+                        );
+                        CREATE TABLE concord_records (
+                            collection TEXT NOT NULL,
+                            key TEXT NOT NULL,
+                            version INTEGER NOT NULL,
+                            value TEXT NOT NULL,
+                            PRIMARY KEY (collection, key)
+                        ) WITHOUT ROWID;
+                        CREATE TABLE concord_collections (
+                            name TEXT PRIMARY KEY,
+                            count INTEGER NOT NULL
+                        );
+                        """)
+                try db.execute(
+                    sql: "INSERT INTO concord_feed (id, feed_id, head, created_at) VALUES (1, ?, 0, ?)",
+                    arguments: [UUID().uuidString.lowercased(), ISO8601DateFormatter().string(from: Date())])
+            }
+            try migrator.migrate(pool)
+            let (feedID, head) = try pool.read { db -> (String, LSN) in
+                let row = try Row.fetchOne(db, sql: "SELECT feed_id, head FROM concord_feed WHERE id = 1")!
+                return (row["feed_id"], LSN(row["head"] as Int64))
+            }
+            self.feedID = feedID
+            headWatch = HeadWatch(head: head)
+        } catch {
+            throw ConcordError.storage(error, "cannot prepare publisher database \(path)")
+        }
+    }
+
+    public var head: LSN { headWatch.head }
+
+    /// Applies the operations collected by `build` atomically; returns the LSN of the last one.
+    @discardableResult
+    public func write(_ build: (inout Batch) throws -> Void) async throws -> LSN {
+        var batch = Batch()
+        try build(&batch)
+        return try await write(batch.operations)
+    }
+
+    /// Applies `operations` atomically, in order; returns the LSN of the last one.
+    @discardableResult
+    public func write(_ operations: [WriteOperation]) async throws -> LSN {
+        guard !operations.isEmpty else { throw ConcordError(.invalidRequest, "a write needs at least one change") }
+        let limits = configuration.limits
+        var checked = operations
+        for index in checked.indices {
+            let operation = checked[index]
+            try CollectionName.validate(operation.collection)
+            guard !operation.key.isEmpty, operation.key.utf8.count <= limits.maxKeyBytes else {
+                throw ConcordError(.invalidRequest, "key must be 1 to \(limits.maxKeyBytes) bytes")
+            }
+            if let value = operation.value {
+                guard value.utf8.count <= limits.maxValueBytes else {
+                    throw ConcordError(.tooLarge, "value larger than \(limits.maxValueBytes) bytes")
+                }
+                let scanner = JSONScanner(value, maxDepth: limits.maxDepth)
+                checked[index].value = scanner.compactText(try scanner.document())
+            } else if operation.operation == .upsert {
+                throw ConcordError(.invalidRequest, "an upsert needs a value")
+            }
+        }
+        let batch = checked
+        let last: LSN
+        do {
+            last = try await pool.write { db in try Self.append(batch, in: db) }
+        } catch {
+            throw ConcordError.storage(error, "write failed")
+        }
+        headWatch.advance(to: last)
+        return last
+    }
+
+    private static func append(_ operations: [WriteOperation], in db: Database) throws -> LSN {
+        let head = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
+        let now = Int(Date().timeIntervalSince1970 * 1000)
+        let find = RawStatement(
+            try db.cachedStatement(sql: "SELECT version FROM concord_records WHERE collection = ?1 AND key = ?2"),
+            in: db)
+        let upsert = RawStatement(
+            try db.cachedStatement(
+                sql: """
+                    INSERT INTO concord_records (collection, key, version, value) VALUES (?1, ?2, ?3, ?4)
+                    ON CONFLICT (collection, key) DO UPDATE SET version = excluded.version, value = excluded.value
+                    """), in: db)
+        let delete = RawStatement(
+            try db.cachedStatement(sql: "DELETE FROM concord_records WHERE collection = ?1 AND key = ?2"), in: db)
+        let log = RawStatement(
+            try db.cachedStatement(
+                sql: """
+                    INSERT INTO concord_log (lsn, collection, key, op, value, is_commit, committed_at)
+                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                    """), in: db)
+        var countDeltas: [String: Int] = [:]
+        var lsn = head
+        for (index, operation) in operations.enumerated() {
+            lsn += 1
+            find.bind(1, operation.collection)
+            find.bind(2, operation.key)
+            let existed = try find.step()
+            find.reset()
+            if let value = operation.value {
+                upsert.bind(1, operation.collection)
+                upsert.bind(2, operation.key)
+                upsert.bind(3, lsn)
+                upsert.bind(4, value)
+                try upsert.run()
+                if !existed { countDeltas[operation.collection, default: 0] += 1 }
+            } else if existed {
+                delete.bind(1, operation.collection)
+                delete.bind(2, operation.key)
+                try delete.run()
+                countDeltas[operation.collection, default: 0] -= 1
+            }
+            if countDeltas[operation.collection] == nil { countDeltas[operation.collection] = 0 }
+            log.bind(1, lsn)
+            log.bind(2, operation.collection)
+            log.bind(3, operation.key)
+            log.bind(4, operation.value == nil ? 1 : 0)
+            if let value = operation.value { log.bind(5, value) } else { log.bindNull(5) }
+            log.bind(6, index == operations.count - 1 ? 1 : 0)
+            log.bind(7, now)
+            try log.run()
+        }
+        for (collection, delta) in countDeltas {
+            try db.execute(
+                sql: """
+                    INSERT INTO concord_collections (name, count) VALUES (?, ?)
+                    ON CONFLICT (name) DO UPDATE SET count = count + excluded.count
+                    """, arguments: [collection, delta])
+        }
+        try db.execute(sql: "UPDATE concord_feed SET head = ? WHERE id = 1", arguments: [Int64(lsn)])
+        return lsn
+    }
+
+    /// The feed's id, head, retained range and collections.
+    public func feedInfo() async throws -> FeedInfo {
+        do {
+            return try await pool.read { [feedID] db in
+                let head = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
+                let oldest = try Int64.fetchOne(db, sql: "SELECT min(lsn) FROM concord_log").map(LSN.init) ?? head + 1
+                let collections = try Row.fetchAll(db, sql: "SELECT name, count FROM concord_collections ORDER BY name")
+                    .map { FeedInfo.Collection(name: $0["name"], count: $0["count"]) }
+                return FeedInfo(feedID: feedID, head: head, oldest: oldest, collections: collections)
+            }
+        } catch {
+            throw ConcordError.storage(error, "cannot read feed info")
+        }
+    }
+
+    /// Stream items after `after`: at least one whole source transaction when any exists,
+    /// about `limit` changes, never ending inside a transaction.
+    ///
+    /// With `collections`, changes of other collections come as `skip` items, so the
+    /// reader can still check that the LSNs join.
+    public func items(after: LSN, limit: Int, collections: Set<String>? = nil) async throws -> [StreamItem] {
+        let limit = max(1, limit)
+        let rows: [Change]
+        do {
+            rows = try await pool.read { db in try Self.readLog(after: after, limit: limit, in: db) }
+        } catch {
+            throw ConcordError.storage(error, "cannot read the log")
+        }
+        guard let collections else { return rows.map(StreamItem.change) }
+        var items: [StreamItem] = []
+        var skipStart: LSN?
+        for change in rows {
+            if collections.contains(change.collection) {
+                if let start = skipStart {
+                    items.append(.skip(from: start, through: change.lsn - 1, isCommit: false))
+                    skipStart = nil
+                }
+                items.append(.change(change))
+            } else {
+                if skipStart == nil { skipStart = change.lsn }
+                if change.isCommit {
+                    items.append(.skip(from: skipStart!, through: change.lsn, isCommit: true))
+                    skipStart = nil
+                }
+            }
+        }
+        return items
+    }
+
+    /// Checks that a reader may start after `after`: not past the head, not before retention.
+    public func checkPosition(_ after: LSN) async throws {
+        let head = self.head
+        if after > head {
+            throw ConcordError(.beyondHead, "after=\(after) is beyond the head LSN \(head)")
+        }
+        let oldest = try await feedInfo().oldest
+        if after + 1 < oldest {
+            throw ConcordError(
+                .gone, "changes after \(after) are no longer retained; the oldest retained LSN is \(oldest)")
+        }
+    }
+
+    private static func readLog(after: LSN, limit: Int, in db: Database) throws -> [Change] {
+        let select = RawStatement(
+            try db.cachedStatement(
+                sql: """
+                    SELECT lsn, collection, key, op, value, is_commit FROM concord_log
+                    WHERE lsn > ?1 AND lsn <= ?2 ORDER BY lsn LIMIT ?3
+                    """), in: db)
+        func fetch(after: LSN, through: LSN, limit: Int, into changes: inout [Change]) throws {
+            select.bind(1, after)
+            select.bind(2, through)
+            select.bind(3, limit)
+            defer { select.reset() }
+            while try select.step() {
+                let isDelete = select.int64(3) == 1
+                changes.append(
+                    Change(
+                        lsn: LSN(select.int64(0)), collection: select.text(1), key: select.text(2),
+                        operation: isDelete ? .delete : .upsert, value: isDelete ? nil : select.text(4),
+                        isCommit: select.int64(5) == 1))
+            }
+        }
+        var changes: [Change] = []
+        changes.reserveCapacity(min(limit, 65536))
+        try fetch(after: after, through: LSN(Int64.max), limit: limit, into: &changes)
+        if let last = changes.last, !last.isCommit {
+            // Finish the transaction the limit cut.
+            if let end = try Int64.fetchOne(
+                db, sql: "SELECT lsn FROM concord_log WHERE lsn > ? AND is_commit = 1 ORDER BY lsn LIMIT 1",
+                arguments: [Int64(last.lsn)])
+            {
+                try fetch(after: last.lsn, through: LSN(end), limit: Int(Int32.max), into: &changes)
+            }
+        }
+        return changes
+    }
+
+    /// Up to `limit` records of `collection` with keys after `afterKey`, read in one
+    /// read transaction and stamped with the head LSN of that transaction.
+    public func page(collection: String, afterKey: String?, limit: Int) async throws -> SnapshotPage {
+        let limit = max(1, limit)
+        do {
+            return try await pool.read { db in
+                guard try Bool.fetchOne(
+                    db, sql: "SELECT 1 FROM concord_collections WHERE name = ?", arguments: [collection]) ?? false
+                else {
+                    throw ConcordError(.unknownCollection, "no collection named \"\(collection)\"")
+                }
+                let head = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
+                let select = RawStatement(
+                    try db.cachedStatement(
+                        sql: """
+                            SELECT key, version, value FROM concord_records
+                            WHERE collection = ?1 AND key > ?2 ORDER BY key LIMIT ?3
+                            """), in: db)
+                select.bind(1, collection)
+                select.bind(2, afterKey ?? "")
+                select.bind(3, limit + 1)
+                defer { select.reset() }
+                var records: [Record] = []
+                records.reserveCapacity(min(limit, 65536))
+                while try select.step() {
+                    records.append(Record(key: select.text(0), version: LSN(select.int64(1)), value: select.text(2)))
+                }
+                let hasMore = records.count > limit
+                if hasMore { records.removeLast() }
+                return SnapshotPage(collection: collection, lsn: head, records: records, hasMore: hasMore)
+            }
+        } catch {
+            throw ConcordError.storage(error, "cannot read collection \(collection)")
+        }
+    }
+
+    /// All live records of `collection` in key order (for checks and tools; reads the whole collection).
+    public func records(of collection: String) async throws -> [ConcordCore.Record] {
+        var all: [Record] = []
+        var afterKey: String?
+        while true {
+            let page = try await page(collection: collection, afterKey: afterKey, limit: 10_000)
+            all.append(contentsOf: page.records)
+            guard page.hasMore, let last = page.records.last else { return all }
+            afterKey = last.key
+        }
+    }
+}

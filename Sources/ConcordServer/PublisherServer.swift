@@ -1,0 +1,264 @@
+import ConcordCore
+import ConcordSQLite
+import Hummingbird
+import Logging
+import HTTPTypes
+import NIOCore
+import ServiceLifecycle
+
+/// The publisher's HTTP API (protocol v1) over a ``PublisherStore``.
+///
+/// Build one with ``makeApplication(store:configuration:logger:onServerRunning:)`` and run
+/// it in a `ServiceGroup`; on graceful shutdown open streams end at a whole transaction,
+/// so every subscriber resumes from a clean position.
+public enum PublisherServer {
+    public struct Configuration: Sendable {
+        public var host = "127.0.0.1"
+        public var port = 7070
+        /// Largest request body accepted (`POST /v1/write`).
+        public var maxBodyBytes = 16 << 20
+        /// Default and largest number of changes a pull returns.
+        public var defaultChangeLimit = 1000
+        public var maxChangeLimit = 10_000
+        /// Default and largest snapshot page.
+        public var defaultPageLimit = 1000
+        public var maxPageLimit = 10_000
+        /// Longest long-poll wait a client may ask for.
+        public var maxWait: Duration = .seconds(60)
+        /// How often an idle stream sends a heartbeat line.
+        public var heartbeatInterval: Duration = .seconds(5)
+        /// Changes read from the log per stream write.
+        public var streamBatch = 4096
+        /// Fault injection for tests: drop every n-th item of `/v1/changes/stream`.
+        public var dropEveryNthStreamItem: Int?
+
+        public init() {}
+    }
+
+    public static func makeApplication(
+        store: PublisherStore,
+        configuration: Configuration = Configuration(),
+        logger: Logger = Logger(label: "concord.publisher"),
+        onServerRunning: @escaping @Sendable (Int) async -> Void = { _ in }
+    ) -> some ApplicationProtocol {
+        let router = Router(context: BasicRequestContext.self)
+        router.add(middleware: ErrorMiddleware(logger: logger))
+        let api = API(store: store, configuration: configuration, logger: logger)
+        router.get("/healthz") { _, _ in Response.json(Array("{\"status\":\"ok\"}\n".utf8)) }
+        router.get("/v1/feed") { _, _ in try await api.feed() }
+        router.get("/v1/changes") { request, _ in try await api.changes(request) }
+        router.get("/v1/changes/stream") { request, _ in try await api.stream(request) }
+        router.get("/v1/collections/:collection/records") { request, context in
+            try await api.page(request, collection: try context.parameters.require("collection"))
+        }
+        router.post("/v1/write") { request, _ in
+            var request = request
+            return try await api.write(&request)
+        }
+        return Application(
+            router: router,
+            configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: nil),
+            onServerRunning: { channel in await onServerRunning(channel.localAddress?.port ?? configuration.port) },
+            logger: logger
+        )
+    }
+}
+
+/// Ends open change streams when the service group begins a graceful shutdown.
+///
+/// Place it after the application in the group: services stop in reverse order, so the
+/// streams end (at a transaction boundary) before the server waits for open requests.
+public struct StreamCloser: Service {
+    let headWatch: HeadWatch
+
+    public init(store: PublisherStore) {
+        headWatch = store.headWatch
+    }
+
+    public func run() async throws {
+        try? await gracefulShutdown()
+        headWatch.close()
+    }
+}
+
+extension Response {
+    static func json(_ bytes: [UInt8], status: HTTPResponse.Status = .ok, headers: HTTPFields = [:]) -> Response {
+        var fields = headers
+        fields[.contentType] = "application/json"
+        return Response(status: status, headers: fields, body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+}
+
+/// Turns every error into `{"error":{"code","message"}}` with the fitting status, in one place.
+struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
+    let logger: Logger
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response)
+        async throws -> Response
+    {
+        do {
+            return try await next(request, context)
+        } catch let error as ConcordError {
+            return Response.json(WireFormat.encode(error), status: Self.status(for: error.code))
+        } catch let error as any HTTPResponseError {
+            let code: ConcordError.Code =
+                switch error.status {
+                case .notFound: .notFound
+                case .contentTooLarge: .tooLarge
+                case .badRequest: .invalidRequest
+                default: .internal
+                }
+            let message = error.status == .contentTooLarge ? "request body too large" : "\(error.status)"
+            return Response.json(WireFormat.encode(ConcordError(code, message)), status: error.status)
+        } catch {
+            logger.error("request failed", metadata: ["path": "\(request.uri.path)", "error": "\(error)"])
+            return Response.json(
+                WireFormat.encode(ConcordError(.internal, "internal error")), status: .internalServerError)
+        }
+    }
+
+    static func status(for code: ConcordError.Code) -> HTTPResponse.Status {
+        switch code {
+        case .invalidRequest, .beyondHead: .badRequest
+        case .tooLarge: .contentTooLarge
+        case .unknownCollection, .notFound: .notFound
+        case .gone: .gone
+        case .unavailable: .serviceUnavailable
+        default: .internalServerError
+        }
+    }
+}
+
+/// The handlers; each parses its parameters strictly and fails before touching the store.
+struct API: Sendable {
+    let store: PublisherStore
+    let configuration: PublisherServer.Configuration
+    let logger: Logger
+
+    func feed() async throws -> Response {
+        Response.json(WireFormat.encode(try await store.feedInfo()))
+    }
+
+    func changes(_ request: Request) async throws -> Response {
+        let query = request.uri.queryParameters
+        let after = try Self.lsn(query["after"], name: "after")
+        let limit = try Self.integer(
+            query["limit"], name: "limit", default: configuration.defaultChangeLimit,
+            range: 1...configuration.maxChangeLimit)
+        let maxWaitSeconds = Int(configuration.maxWait.components.seconds)
+        let wait = try Self.integer(query["wait"], name: "wait", default: 0, range: 0...maxWaitSeconds)
+        let collections = try Self.collections(query["collections"])
+        try await store.checkPosition(after)
+        var items = try await store.items(after: after, limit: limit, collections: collections)
+        if items.isEmpty, wait > 0 {
+            _ = await store.headWatch.wait(beyond: after, timeout: .seconds(wait))
+            items = try await store.items(after: after, limit: limit, collections: collections)
+        }
+        var writer = JSONWriter(capacity: items.count * 256)
+        for item in items { WireFormat.append(item, to: &writer) }
+        var headers = HTTPFields()
+        headers[.contentType] = "application/x-ndjson"
+        headers[Self.headField] = String(store.head)
+        return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: writer.bytes)))
+    }
+
+    static let headField = HTTPField.Name("Concord-Head")!
+
+    func stream(_ request: Request) async throws -> Response {
+        let query = request.uri.queryParameters
+        let after = try Self.lsn(query["after"], name: "after")
+        let collections = try Self.collections(query["collections"])
+        try await store.checkPosition(after)
+        let store = self.store
+        let configuration = self.configuration
+        var headers = HTTPFields()
+        headers[.contentType] = "application/x-ndjson"
+        headers[Self.headField] = String(store.head)
+        return Response(
+            status: .ok, headers: headers,
+            body: ResponseBody { writer in
+                var cursor = after
+                var sent = 0
+                // Ends at a transaction boundary once the publisher begins to shut down.
+                while !Task.isCancelled, !store.headWatch.isClosed {
+                    let items = try await store.items(
+                        after: cursor, limit: configuration.streamBatch, collections: collections)
+                    if items.isEmpty {
+                        let head = await store.headWatch.wait(beyond: cursor, timeout: configuration.heartbeatInterval)
+                        if head <= cursor, !store.headWatch.isClosed {
+                            var line = JSONWriter(capacity: 48)
+                            WireFormat.appendHeartbeat(head: head, to: &line)
+                            try await writer.write(ByteBuffer(bytes: line.bytes))
+                        }
+                        continue
+                    }
+                    var lines = JSONWriter(capacity: items.count * 300)
+                    for item in items {
+                        sent += 1
+                        if let every = configuration.dropEveryNthStreamItem, sent % every == 0 { continue }
+                        WireFormat.append(item, to: &lines)
+                    }
+                    try await writer.write(ByteBuffer(bytes: lines.bytes))
+                    cursor = items.last!.lastLSN
+                }
+                try await writer.finish(nil)
+            })
+    }
+
+    func page(_ request: Request, collection: String) async throws -> Response {
+        try CollectionName.validate(collection)
+        let query = request.uri.queryParameters
+        let limit = try Self.integer(
+            query["limit"], name: "limit", default: configuration.defaultPageLimit,
+            range: 1...configuration.maxPageLimit)
+        let afterKey = query["afterKey"].map(String.init)
+        let page = try await store.page(collection: collection, afterKey: afterKey, limit: limit)
+        var headers = HTTPFields()
+        headers[.contentType] = "application/x-ndjson"
+        return Response(
+            status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: WireFormat.encode(page))))
+    }
+
+    func write(_ request: inout Request) async throws -> Response {
+        let body = try await request.collectBody(upTo: configuration.maxBodyBytes)
+        let operations = try WireFormat.decodeWriteRequest(Array(buffer: body), limits: store.configuration.limits)
+        let lsn = try await store.write(operations)
+        var writer = JSONWriter()
+        writer.raw("{\"lsn\":")
+        writer.number(lsn)
+        writer.raw("}\n")
+        return Response.json(writer.bytes)
+    }
+
+    // MARK: Parameters
+
+    static func lsn(_ text: Substring?, name: String) throws(ConcordError) -> LSN {
+        guard let text else { throw ConcordError(.invalidRequest, "missing query parameter \"\(name)\"") }
+        guard text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let value = LSN(text) else {
+            throw ConcordError(.invalidRequest, "\"\(name)\" must be a non-negative integer below 2^64")
+        }
+        return value
+    }
+
+    static func integer(_ text: Substring?, name: String, default value: Int, range: ClosedRange<Int>)
+        throws(ConcordError) -> Int
+    {
+        guard let text else { return value }
+        guard text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let number = Int(text), range.contains(number) else {
+            throw ConcordError(
+                .invalidRequest, "\"\(name)\" must be an integer from \(range.lowerBound) to \(range.upperBound)")
+        }
+        return number
+    }
+
+    static func collections(_ text: Substring?) throws(ConcordError) -> Set<String>? {
+        guard let text, !text.isEmpty else { return nil }
+        var names = Set<String>()
+        for part in text.split(separator: ",") {
+            let name = String(part)
+            try CollectionName.validate(name)
+            names.insert(name)
+        }
+        return names
+    }
+}
