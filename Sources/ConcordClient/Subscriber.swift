@@ -33,7 +33,7 @@ public final class Subscriber: Service, Sendable {
 
     /// What the subscriber is doing, for status displays.
     public enum Activity: String, Sendable {
-        case starting, bootstrapping, following, retrying
+        case starting, bootstrapping, following, retrying, stopped
     }
 
     public let configuration: Configuration
@@ -52,6 +52,7 @@ public final class Subscriber: Service, Sendable {
     public var activity: Activity { activityBox.value }
 
     public func run() async throws {
+        defer { activityBox.value = .stopped }
         try await cancelWhenGracefulShutdown {
             var backoff = Backoff(initial: self.configuration.backoffInitial, maximum: self.configuration.backoffMaximum)
             while !Task.isCancelled {

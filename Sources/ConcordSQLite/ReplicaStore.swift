@@ -147,8 +147,12 @@ public final class ReplicaStore: Sendable {
     }
 
     /// Creates the plain table of a collection if it does not exist yet.
+    ///
+    /// A schema change makes GRDB finalize its cached statements, so this must run before
+    /// any ``RawStatement`` of the transaction is prepared, and does nothing when the table exists.
     static func createTable(_ collection: String, in db: Database) throws {
         try CollectionName.validate(collection)
+        if try db.tableExists(collection) { return }
         let table = SQLiteOpener.quote(collection)
         try db.execute(
             sql: """
@@ -181,7 +185,13 @@ public final class ReplicaStore: Sendable {
                 let mode = state.progress.applyMode(position: state.position)
                 let keepTombstones = state.progress.phase == .bootstrapping
                 let filter = state.collections.map(Set.init)
-                var applier = Applier(db: db, mode: mode, keepTombstones: keepTombstones)
+                var touched = Set<String>()
+                for item in items {
+                    if case .change(let change) = item, filter?.contains(change.collection) ?? true {
+                        touched.insert(change.collection)
+                    }
+                }
+                var applier = try Applier(db: db, mode: mode, keepTombstones: keepTombstones, collections: touched)
                 var applied = 0
                 for item in items {
                     guard case .change(let change) = item else { continue }
@@ -218,8 +228,7 @@ public final class ReplicaStore: Sendable {
                     throw ConcordError(.storage, "replica is not initialized")
                 }
                 guard state.progress.remaining[page.collection] != nil else { return }  // already complete
-                try Self.createTable(page.collection, in: db)
-                var applier = Applier(db: db, mode: .merge, keepTombstones: true)
+                var applier = try Applier(db: db, mode: .merge, keepTombstones: true, collections: [page.collection])
                 for record in page.records {
                     try applier.merge(record, into: page.collection)
                 }
@@ -303,15 +312,16 @@ struct Applier {
     private var statements: [String: Statements] = [:]
     private var tombstone: RawStatement?
 
-    init(db: Database, mode: ApplyMode, keepTombstones: Bool) {
+    /// Creates the tables of `collections` first: statements are prepared only after every schema change.
+    init(db: Database, mode: ApplyMode, keepTombstones: Bool, collections: Set<String>) throws {
         self.db = db
         self.mode = mode
         self.keepTombstones = keepTombstones
+        for collection in collections { try ReplicaStore.createTable(collection, in: db) }
     }
 
     private mutating func statements(for collection: String) throws -> Statements {
         if let cached = statements[collection] { return cached }
-        try ReplicaStore.createTable(collection, in: db)
         let table = SQLiteOpener.quote(collection)
         let made = Statements(
             upsert: RawStatement(

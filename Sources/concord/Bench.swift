@@ -1,0 +1,236 @@
+import ArgumentParser
+import ConcordClient
+import ConcordCore
+import ConcordServer
+import ConcordSQLite
+import Foundation
+import GRDB
+import Logging
+
+struct Bench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure streaming apply, bootstrap and raw SQLite insert speed on this machine.",
+        discussion: """
+            Runs a publisher in this process and a real `concord follow` child process over
+            loopback HTTP, in a temporary folder. Baselines (shared/bench/README.md, this machine
+            kind): PostgreSQL logical replication applies about 51,000 rows/s and syncs 1,000,000
+            rows initially in 5.05 s.
+            """)
+
+    @Argument(help: "What to measure: stream, bootstrap or all.")
+    var what: String = "all"
+
+    @Option(help: "Changes per streaming phase.")
+    var changes = 200_000
+
+    @Option(help: "Records for the bootstrap benchmark.")
+    var records = 1_000_000
+
+    @Flag(help: "Keep the temporary folder.")
+    var keep = false
+
+    @OptionGroup var output: OutputOptions
+    @OptionGroup var global: GlobalOptions
+
+    static let pgApplyRowsPerSecond = 51_000.0
+    static let pgInitialSyncSeconds = 5.05
+
+    func run() async throws {
+        let logger = global.bootstrapLogging(label: "concord.bench")
+        guard ["stream", "bootstrap", "all"].contains(what) else {
+            throw ValidationError("measure stream, bootstrap or all")
+        }
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("concord-bench-\(getpid())")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        defer { if !keep { try? FileManager.default.removeItem(at: folder) } }
+        var results: [String: Double] = [:]
+        if what == "stream" || what == "all" {
+            try await streamBenchmark(folder: folder, logger: logger, results: &results)
+        }
+        if what == "bootstrap" || what == "all" {
+            try await bootstrapBenchmark(folder: folder, logger: logger, results: &results)
+        }
+        if output.json {
+            let data = try JSONSerialization.data(withJSONObject: results, options: [.prettyPrinted, .sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+        }
+    }
+
+    func say(_ line: String) {
+        guard !output.json else { return }
+        print(line)
+        fflush(nil)
+    }
+
+    // MARK: Streaming apply
+
+    func streamBenchmark(folder: URL, logger: Logger, results: inout [String: Double]) async throws {
+        let count = changes
+        var configuration = PublisherStore.Configuration()
+        configuration.durability = .normal
+        let store = try PublisherStore(path: folder.appendingPathComponent("stream-source.sqlite").path, configuration: configuration)
+        say("stream: \(count) records of 200-byte values, then \(count) updates twice")
+        try await Self.load(store, count: count, size: 200, revision: 0)
+        let replicaPath = folder.appendingPathComponent("stream-replica.sqlite").path
+        let report = try await PublisherServer.withRunningServer(store: store, logger: logger) { url in
+            let child = try FollowProcess(source: url, db: replicaPath)
+            defer { child.stop() }
+            try await child.waitUntil(timeout: .seconds(300)) { $0.progress.phase == .following && $0.position >= store.head }
+            var report: [String: Double] = [:]
+
+            // Catch-up: the subscriber is paused while the log grows, then applies it all.
+            child.pause()
+            let writeStart = ContinuousClock.now
+            try await Self.load(store, count: count, size: 200, revision: 1)
+            let writeSeconds = (ContinuousClock.now - writeStart).seconds
+            let catchUpStart = ContinuousClock.now
+            child.resume()
+            let head = store.head
+            try await child.waitUntil(timeout: .seconds(300)) { $0.position >= head }
+            let catchUpSeconds = (ContinuousClock.now - catchUpStart).seconds
+            report["stream_publisher_write_per_s"] = Double(count) / writeSeconds
+            report["stream_catchup_per_s"] = Double(count) / catchUpSeconds
+
+            // Live: writes and apply run at the same time; end to end is write start to replica at head.
+            let liveStart = ContinuousClock.now
+            try await Self.load(store, count: count, size: 200, revision: 2)
+            let liveHead = store.head
+            try await child.waitUntil(timeout: .seconds(300)) { $0.position >= liveHead }
+            let liveSeconds = (ContinuousClock.now - liveStart).seconds
+            report["stream_live_end_to_end_per_s"] = Double(count) / liveSeconds
+            report["stream_subscriber_peak_rss_mb"] = child.peakRSSMegabytes
+            return report
+        }
+        results.merge(report) { $1 }
+        let catchUp = report["stream_catchup_per_s"]!
+        let live = report["stream_live_end_to_end_per_s"]!
+        say(String(format: "  publisher writes (batches of 1000):   %9.0f changes/s", report["stream_publisher_write_per_s"]!))
+        say(String(format: "  streaming apply, catch-up:            %9.0f changes/s  (%.2fx PostgreSQL logical replication's 51,000/s)", catchUp, catchUp / Self.pgApplyRowsPerSecond))
+        say(String(format: "  streaming apply, live end to end:     %9.0f changes/s  (%.2fx; writes and apply share the 2 cores)", live, live / Self.pgApplyRowsPerSecond))
+        say(String(format: "  subscriber peak RSS:                  %9.1f MB", report["stream_subscriber_peak_rss_mb"]!))
+    }
+
+    // MARK: Bootstrap
+
+    func bootstrapBenchmark(folder: URL, logger: Logger, results: inout [String: Double]) async throws {
+        let count = records
+        var configuration = PublisherStore.Configuration()
+        configuration.durability = .normal
+        let store = try PublisherStore(path: folder.appendingPathComponent("boot-source.sqlite").path, configuration: configuration)
+        say("bootstrap: \(count) records of about 225-byte values into an empty replica")
+        let loadStart = ContinuousClock.now
+        try await Self.load(store, count: count, size: 225, revision: 0)
+        say(String(format: "  loaded the source in %.2f s", (ContinuousClock.now - loadStart).seconds))
+
+        let small = max(1, count / 10)
+        let smallStore = try PublisherStore(path: folder.appendingPathComponent("boot-small.sqlite").path, configuration: configuration)
+        try await Self.load(smallStore, count: small, size: 225, revision: 0)
+
+        func measure(_ store: PublisherStore, name: String) async throws -> (seconds: Double, rss: Double) {
+            let replicaPath = folder.appendingPathComponent("boot-replica-\(name).sqlite").path
+            return try await PublisherServer.withRunningServer(store: store, logger: logger) { url in
+                let start = ContinuousClock.now
+                let child = try FollowProcess(source: url, db: replicaPath)
+                defer { child.stop() }
+                try await child.waitUntil(timeout: .seconds(600)) { $0.progress.phase == .following }
+                let seconds = (ContinuousClock.now - start).seconds
+                return (seconds, child.peakRSSMegabytes)
+            }
+        }
+        let full = try await measure(store, name: "full")
+        let tenth = try await measure(smallStore, name: "tenth")
+
+        // The physical limit: the same rows inserted straight into a fresh SQLite table.
+        let rawPath = folder.appendingPathComponent("raw.sqlite").path
+        let rawSeconds = try Self.rawInsert(path: rawPath, count: count)
+
+        results["bootstrap_seconds"] = full.seconds
+        results["bootstrap_records_per_s"] = Double(count) / full.seconds
+        results["bootstrap_peak_rss_mb"] = full.rss
+        results["bootstrap_tenth_peak_rss_mb"] = tenth.rss
+        results["raw_sqlite_insert_per_s"] = Double(count) / rawSeconds
+        say(String(format: "  bootstrap of %d records:          %6.2f s  (%.0f records/s; %.2fx PostgreSQL's %.2f s)", count, full.seconds, Double(count) / full.seconds, Self.pgInitialSyncSeconds / full.seconds, Self.pgInitialSyncSeconds))
+        say(String(format: "  subscriber peak RSS: %.1f MB at %d records, %.1f MB at %d records", full.rss, count, tenth.rss, small))
+        say(String(format: "  raw SQLite insert of the same rows: %6.2f s  (%.0f rows/s); bootstrap is %.0f%% of it", rawSeconds, Double(count) / rawSeconds, 100 * rawSeconds / full.seconds))
+    }
+
+    /// Writes `count` upserts of keys 1...count in batches of 1000.
+    static func load(_ store: PublisherStore, count: Int, size: Int, revision: Int) async throws {
+        var id = 1
+        while id <= count {
+            let end = min(count, id + 999)
+            var batch: [WriteOperation] = []
+            batch.reserveCapacity(end - id + 1)
+            for n in id...end {
+                batch.append(.upsert("bench", SampleData.key(n), json: SampleData.value(id: n, revision: revision, size: size)))
+            }
+            try await store.write(batch)
+            id = end + 1
+        }
+    }
+
+    static func rawInsert(path: String, count: Int) throws -> Double {
+        let rows = (1...count).map { (SampleData.key($0), SampleData.value(id: $0, size: 225)) }
+        var configuration = GRDB.Configuration()
+        configuration.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = NORMAL") }
+        let queue = try DatabaseQueue(path: path, configuration: configuration)
+        try queue.writeWithoutTransaction { db in
+            try db.execute(sql: "PRAGMA journal_mode = WAL")
+            try db.execute(sql: "CREATE TABLE bench (key TEXT PRIMARY KEY, version INTEGER NOT NULL, value TEXT NOT NULL)")
+        }
+        let start = ContinuousClock.now
+        try queue.write { db in
+            let statement = try db.makeStatement(sql: "INSERT INTO bench (key, version, value) VALUES (?, ?, ?)")
+            for (index, row) in rows.enumerated() {
+                try statement.execute(arguments: [row.0, index + 1, row.1])
+            }
+        }
+        return (ContinuousClock.now - start).seconds
+    }
+}
+
+extension Duration {
+    var seconds: Double {
+        Double(components.seconds) + Double(components.attoseconds) / 1e18
+    }
+}
+
+/// A `concord follow` child process, watched through its replica file.
+final class FollowProcess: @unchecked Sendable {
+    let process = Process()
+    let store: ReplicaStore
+
+    init(source: String, db: String) throws {
+        store = try ReplicaStore(path: db)
+        process.executableURL = URL(fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+        process.arguments = ["follow", "--source", source, "--db", db, "--log-level", "warning"]
+        try process.run()
+    }
+
+    func waitUntil(timeout: Duration, _ condition: (ReplicaState) -> Bool) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let state = try store.state(), condition(state) { return }
+            guard process.isRunning else { throw ConcordError(.internal, "concord follow exited with \(process.terminationStatus)") }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw ConcordError(.internal, "the replica did not get there within \(timeout)")
+    }
+
+    func pause() { kill(process.processIdentifier, SIGSTOP) }
+    func resume() { kill(process.processIdentifier, SIGCONT) }
+
+    var peakRSSMegabytes: Double {
+        guard let status = try? String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8),
+            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+            let kilobytes = Double(line.split(separator: " ").dropFirst().first ?? "")
+        else { return 0 }
+        return kilobytes / 1024
+    }
+
+    func stop() {
+        guard process.isRunning else { return }
+        process.terminate()
+        process.waitUntilExit()
+    }
+}

@@ -1,0 +1,72 @@
+import ArgumentParser
+import AsyncHTTPClient
+import ConcordClient
+import ConcordCore
+import ConcordSQLite
+import Foundation
+import Logging
+import ServiceLifecycle
+
+struct Follow: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Keep a SQLite replica equal to a publisher's feed.",
+        discussion: """
+            A new replica is bootstrapped from snapshot pages while the log is followed; then
+            the live stream is applied, each source transaction atomically with the position.
+            Restart it at any time (even after kill -9): it resumes where it was.
+            """)
+
+    @Option(help: "The publisher's URL, e.g. http://127.0.0.1:7070.")
+    var source: String = ProcessInfo.processInfo.environment["CONCORD_SOURCE"] ?? "http://127.0.0.1:7070"
+
+    @Option(help: "The replica's SQLite file (created if missing).")
+    var db: String
+
+    @Option(help: "Follow only these collections (comma-separated).")
+    var collections: String?
+
+    @Option(help: "Records per snapshot page during bootstrap.")
+    var pageSize = 5000
+
+    @Flag(help: .hidden)
+    var auditApplied = false
+
+    @OptionGroup var global: GlobalOptions
+
+    func run() async throws {
+        let logger = global.bootstrapLogging(label: "concord.follow")
+        let filter = try collections.map { list in
+            try list.split(separator: ",").map { name in
+                let name = String(name)
+                do { try CollectionName.validate(name) } catch { throw ValidationError("\(error)") }
+                return name
+            }
+        }
+        var storeConfiguration = ReplicaStore.Configuration()
+        storeConfiguration.auditAppliedChanges = auditApplied
+        let store = try ReplicaStore(path: db, configuration: storeConfiguration)
+        if let state = try store.state(), let filter, Set(filter) != Set(state.collections ?? []) {
+            throw ValidationError(
+                "\(db) follows \(state.collections?.joined(separator: ",") ?? "all collections"); "
+                    + "start a new replica file to follow others")
+        }
+        var configuration = Subscriber.Configuration(source: source, collections: filter)
+        configuration.pageSize = pageSize
+        let http = SourceClient.makeHTTPClient()
+        let subscriber = Subscriber(configuration: configuration, store: store, http: http, logger: logger)
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: subscriber)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        do {
+            try await group.run()
+        } catch {
+            try? await http.shutdown()
+            if let error = error as? ConcordError {
+                FileHandle.printError("error: \(error.message)")
+                throw ExitCode(1)
+            }
+            throw error
+        }
+        try await http.shutdown()
+    }
+}
