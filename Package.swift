@@ -1,5 +1,9 @@
-// swift-tools-version: 6.1
+// swift-tools-version: 6.2
 import PackageDescription
+
+/// `CONCORD_STRICT=1` (set by the test script and CI) turns Concord's own warnings into errors.
+let strict = Context.environment["CONCORD_STRICT"] != nil
+let settings: [SwiftSetting] = strict ? [.treatAllWarnings(as: .error)] : []
 
 let package = Package(
     name: "Concord",
@@ -21,7 +25,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
-        .target(name: "ConcordCore"),
+        .target(name: "ConcordCore", swiftSettings: settings),
         .target(
             name: "ConcordSQLite",
             dependencies: [
@@ -29,7 +33,8 @@ let package = Package(
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "GRDBSQLite", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            swiftSettings: settings
         ),
         .target(
             name: "ConcordServer",
@@ -39,7 +44,8 @@ let package = Package(
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ]
+            ],
+            swiftSettings: settings
         ),
         .target(
             name: "ConcordClient",
@@ -50,7 +56,8 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ]
+            ],
+            swiftSettings: settings
         ),
         .executableTarget(
             name: "concord",
@@ -63,17 +70,26 @@ let package = Package(
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ]
+            ],
+            swiftSettings: settings
         ),
-        .testTarget(name: "ConcordCoreTests", dependencies: ["ConcordCore"]),
+        .testTarget(name: "ConcordCoreTests", dependencies: ["ConcordCore"], swiftSettings: settings),
+        .testTarget(
+            name: "ConcordSQLiteTests",
+            dependencies: ["ConcordCore", "ConcordSQLite", .product(name: "GRDB", package: "GRDB.swift")],
+            swiftSettings: settings
+        ),
         .testTarget(
             name: "EndToEndTests",
             dependencies: [
                 "ConcordCore", "ConcordSQLite", "ConcordServer", "ConcordClient",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ]
+            ],
+            swiftSettings: settings
         ),
     ]
 )

@@ -54,7 +54,8 @@ public final class Subscriber: Service, Sendable {
     public func run() async throws {
         defer { activityBox.value = .stopped }
         try await cancelWhenGracefulShutdown {
-            var backoff = Backoff(initial: self.configuration.backoffInitial, maximum: self.configuration.backoffMaximum)
+            var backoff = Backoff(
+                initial: self.configuration.backoffInitial, maximum: self.configuration.backoffMaximum)
             while !Task.isCancelled {
                 do {
                     try await self.session(resetting: &backoff)
@@ -67,7 +68,8 @@ public final class Subscriber: Service, Sendable {
                     if Task.isCancelled { return }
                     self.activityBox.value = .retrying
                     let delay = backoff.next()
-                    self.logger.warning("source unavailable, retrying", metadata: ["error": "\(error)", "in": "\(delay)"])
+                    self.logger.warning(
+                        "source unavailable, retrying", metadata: ["error": "\(error)", "in": "\(delay)"])
                     try? await Task.sleep(for: delay)
                 }
             }
@@ -145,7 +147,8 @@ public final class Subscriber: Service, Sendable {
                 return
             }
             if try await pull(maxRounds: 1) == 0 {
-                throw ConcordError(.protocolViolation, "bootstrap cannot complete: the source's log ends before its pages")
+                throw ConcordError(
+                    .protocolViolation, "bootstrap cannot complete: the source's log ends before its pages")
             }
         }
     }

@@ -297,8 +297,9 @@ public final class PublisherStore: Sendable {
         let limit = max(1, limit)
         do {
             return try await pool.read { db in
-                guard try Bool.fetchOne(
-                    db, sql: "SELECT 1 FROM concord_collections WHERE name = ?", arguments: [collection]) ?? false
+                guard
+                    try Bool.fetchOne(
+                        db, sql: "SELECT 1 FROM concord_collections WHERE name = ?", arguments: [collection]) ?? false
                 else {
                     throw ConcordError(.unknownCollection, "no collection named \"\(collection)\"")
                 }

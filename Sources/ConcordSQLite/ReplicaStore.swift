@@ -142,7 +142,8 @@ public final class ReplicaStore: Sendable {
     public func noteSourceHead(_ head: LSN) async throws {
         try await pool.write { db in
             try db.execute(
-                sql: "UPDATE concord_state SET source_head = max(source_head, ?) WHERE id = 1", arguments: [Int64(head)])
+                sql: "UPDATE concord_state SET source_head = max(source_head, ?) WHERE id = 1", arguments: [Int64(head)]
+            )
         }
     }
 
@@ -240,7 +241,8 @@ public final class ReplicaStore: Sendable {
                         sql: "UPDATE concord_bootstrap SET after_key = ? WHERE collection = ?",
                         arguments: [page.records.last?.key, page.collection])
                 } else {
-                    try db.execute(sql: "DELETE FROM concord_bootstrap WHERE collection = ?", arguments: [page.collection])
+                    try db.execute(
+                        sql: "DELETE FROM concord_bootstrap WHERE collection = ?", arguments: [page.collection])
                 }
                 try db.execute(
                     sql: "UPDATE concord_state SET horizon = ?, updated_at = ? WHERE id = 1",
@@ -275,8 +277,9 @@ public final class ReplicaStore: Sendable {
     /// All rows of a collection's table in key order.
     public func records(of collection: String) throws -> [ConcordCore.Record] {
         try pool.read { db in
-            let known = try Bool.fetchOne(
-                db, sql: "SELECT 1 FROM concord_collections WHERE name = ?", arguments: [collection]) ?? false
+            let known =
+                try Bool.fetchOne(
+                    db, sql: "SELECT 1 FROM concord_collections WHERE name = ?", arguments: [collection]) ?? false
             guard known else { return [] }
             return try Row.fetchAll(
                 db, sql: "SELECT key, version, value FROM \(SQLiteOpener.quote(collection)) ORDER BY key"
@@ -288,10 +291,15 @@ public final class ReplicaStore: Sendable {
     public func appliedAudit() throws -> (applied: Int, repeated: Int, lowest: LSN?, highest: LSN?) {
         try pool.read { db in
             let row = try Row.fetchOne(
-                db, sql: "SELECT count(*) AS n, count(DISTINCT lsn) AS d, min(lsn) AS lo, max(lsn) AS hi FROM concord_applied")!
+                db,
+                sql:
+                    "SELECT count(*) AS n, count(DISTINCT lsn) AS d, min(lsn) AS lo, max(lsn) AS hi FROM concord_applied"
+            )!
             let applied: Int = row["n"]
             let distinct: Int = row["d"]
-            return (applied, applied - distinct, (row["lo"] as Int64?).map(LSN.init), (row["hi"] as Int64?).map(LSN.init))
+            return (
+                applied, applied - distinct, (row["lo"] as Int64?).map(LSN.init), (row["hi"] as Int64?).map(LSN.init)
+            )
         }
     }
 }

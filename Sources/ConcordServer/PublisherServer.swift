@@ -1,8 +1,8 @@
 import ConcordCore
 import ConcordSQLite
+import HTTPTypes
 import Hummingbird
 import Logging
-import HTTPTypes
 import NIOCore
 import ServiceLifecycle
 

@@ -1,8 +1,8 @@
 import ArgumentParser
 import ConcordClient
 import ConcordCore
-import ConcordServer
 import ConcordSQLite
+import ConcordServer
 import Foundation
 import GRDB
 import Logging
@@ -68,14 +68,17 @@ struct Bench: AsyncParsableCommand {
         let count = changes
         var configuration = PublisherStore.Configuration()
         configuration.durability = .normal
-        let store = try PublisherStore(path: folder.appendingPathComponent("stream-source.sqlite").path, configuration: configuration)
+        let store = try PublisherStore(
+            path: folder.appendingPathComponent("stream-source.sqlite").path, configuration: configuration)
         say("stream: \(count) records of 200-byte values, then \(count) updates twice")
         try await Self.load(store, count: count, size: 200, revision: 0)
         let replicaPath = folder.appendingPathComponent("stream-replica.sqlite").path
         let report = try await PublisherServer.withRunningServer(store: store, logger: logger) { url in
             let child = try FollowProcess(source: url, db: replicaPath)
             defer { child.stop() }
-            try await child.waitUntil(timeout: .seconds(300)) { $0.progress.phase == .following && $0.position >= store.head }
+            try await child.waitUntil(timeout: .seconds(300)) {
+                $0.progress.phase == .following && $0.position >= store.head
+            }
             var report: [String: Double] = [:]
 
             // Catch-up: the subscriber is paused while the log grows, then applies it all.
@@ -104,10 +107,23 @@ struct Bench: AsyncParsableCommand {
         results.merge(report) { $1 }
         let catchUp = report["stream_catchup_per_s"]!
         let live = report["stream_live_end_to_end_per_s"]!
-        say(String(format: "  publisher writes (batches of 1000):   %9.0f changes/s", report["stream_publisher_write_per_s"]!))
-        say(String(format: "  streaming apply, catch-up:            %9.0f changes/s  (%.2fx PostgreSQL logical replication's 51,000/s)", catchUp, catchUp / Self.pgApplyRowsPerSecond))
-        say(String(format: "  streaming apply, live end to end:     %9.0f changes/s  (%.2fx; writes and apply share the 2 cores)", live, live / Self.pgApplyRowsPerSecond))
-        say(String(format: "  subscriber peak RSS:                  %9.1f MB", report["stream_subscriber_peak_rss_mb"]!))
+        say(
+            String(
+                format: "  publisher writes (batches of 1000):   %9.0f changes/s",
+                report["stream_publisher_write_per_s"]!))
+        say(
+            String(
+                format:
+                    "  streaming apply, catch-up:            %9.0f changes/s  (%.2fx PostgreSQL logical replication's 51,000/s)",
+                catchUp, catchUp / Self.pgApplyRowsPerSecond))
+        say(
+            String(
+                format:
+                    "  streaming apply, live end to end:     %9.0f changes/s  (%.2fx; writes and apply share the 2 cores)",
+                live, live / Self.pgApplyRowsPerSecond))
+        say(
+            String(format: "  subscriber peak RSS:                  %9.1f MB", report["stream_subscriber_peak_rss_mb"]!)
+        )
     }
 
     // MARK: Bootstrap
@@ -116,14 +132,16 @@ struct Bench: AsyncParsableCommand {
         let count = records
         var configuration = PublisherStore.Configuration()
         configuration.durability = .normal
-        let store = try PublisherStore(path: folder.appendingPathComponent("boot-source.sqlite").path, configuration: configuration)
+        let store = try PublisherStore(
+            path: folder.appendingPathComponent("boot-source.sqlite").path, configuration: configuration)
         say("bootstrap: \(count) records of about 225-byte values into an empty replica")
         let loadStart = ContinuousClock.now
         try await Self.load(store, count: count, size: 225, revision: 0)
         say(String(format: "  loaded the source in %.2f s", (ContinuousClock.now - loadStart).seconds))
 
         let small = max(1, count / 10)
-        let smallStore = try PublisherStore(path: folder.appendingPathComponent("boot-small.sqlite").path, configuration: configuration)
+        let smallStore = try PublisherStore(
+            path: folder.appendingPathComponent("boot-small.sqlite").path, configuration: configuration)
         try await Self.load(smallStore, count: small, size: 225, revision: 0)
 
         func measure(_ store: PublisherStore, name: String) async throws -> (seconds: Double, rss: Double) {
@@ -149,9 +167,19 @@ struct Bench: AsyncParsableCommand {
         results["bootstrap_peak_rss_mb"] = full.rss
         results["bootstrap_tenth_peak_rss_mb"] = tenth.rss
         results["raw_sqlite_insert_per_s"] = Double(count) / rawSeconds
-        say(String(format: "  bootstrap of %d records:          %6.2f s  (%.0f records/s; %.2fx PostgreSQL's %.2f s)", count, full.seconds, Double(count) / full.seconds, Self.pgInitialSyncSeconds / full.seconds, Self.pgInitialSyncSeconds))
-        say(String(format: "  subscriber peak RSS: %.1f MB at %d records, %.1f MB at %d records", full.rss, count, tenth.rss, small))
-        say(String(format: "  raw SQLite insert of the same rows: %6.2f s  (%.0f rows/s); bootstrap is %.0f%% of it", rawSeconds, Double(count) / rawSeconds, 100 * rawSeconds / full.seconds))
+        say(
+            String(
+                format: "  bootstrap of %d records:          %6.2f s  (%.0f records/s; %.2fx PostgreSQL's %.2f s)",
+                count, full.seconds, Double(count) / full.seconds, Self.pgInitialSyncSeconds / full.seconds,
+                Self.pgInitialSyncSeconds))
+        say(
+            String(
+                format: "  subscriber peak RSS: %.1f MB at %d records, %.1f MB at %d records", full.rss, count,
+                tenth.rss, small))
+        say(
+            String(
+                format: "  raw SQLite insert of the same rows: %6.2f s  (%.0f rows/s); bootstrap is %.0f%% of it",
+                rawSeconds, Double(count) / rawSeconds, 100 * rawSeconds / full.seconds))
     }
 
     /// Writes `count` upserts of keys 1...count in batches of 1000.
@@ -162,7 +190,8 @@ struct Bench: AsyncParsableCommand {
             var batch: [WriteOperation] = []
             batch.reserveCapacity(end - id + 1)
             for n in id...end {
-                batch.append(.upsert("bench", SampleData.key(n), json: SampleData.value(id: n, revision: revision, size: size)))
+                batch.append(
+                    .upsert("bench", SampleData.key(n), json: SampleData.value(id: n, revision: revision, size: size)))
             }
             try await store.write(batch)
             id = end + 1
@@ -176,7 +205,8 @@ struct Bench: AsyncParsableCommand {
         let queue = try DatabaseQueue(path: path, configuration: configuration)
         try queue.writeWithoutTransaction { db in
             try db.execute(sql: "PRAGMA journal_mode = WAL")
-            try db.execute(sql: "CREATE TABLE bench (key TEXT PRIMARY KEY, version INTEGER NOT NULL, value TEXT NOT NULL)")
+            try db.execute(
+                sql: "CREATE TABLE bench (key TEXT PRIMARY KEY, version INTEGER NOT NULL, value TEXT NOT NULL)")
         }
         let start = ContinuousClock.now
         try queue.write { db in
@@ -202,7 +232,8 @@ final class FollowProcess: @unchecked Sendable {
 
     init(source: String, db: String) throws {
         store = try ReplicaStore(path: db)
-        process.executableURL = URL(fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+        process.executableURL = URL(
+            fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
         process.arguments = ["follow", "--source", source, "--db", db, "--log-level", "warning"]
         try process.run()
     }
@@ -211,7 +242,9 @@ final class FollowProcess: @unchecked Sendable {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if let state = try store.state(), condition(state) { return }
-            guard process.isRunning else { throw ConcordError(.internal, "concord follow exited with \(process.terminationStatus)") }
+            guard process.isRunning else {
+                throw ConcordError(.internal, "concord follow exited with \(process.terminationStatus)")
+            }
             try await Task.sleep(for: .milliseconds(20))
         }
         throw ConcordError(.internal, "the replica did not get there within \(timeout)")

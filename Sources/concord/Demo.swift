@@ -2,8 +2,8 @@ import ArgumentParser
 import AsyncHTTPClient
 import ConcordClient
 import ConcordCore
-import ConcordServer
 import ConcordSQLite
+import ConcordServer
 import Foundation
 import Logging
 
@@ -50,7 +50,8 @@ struct Demo: AsyncParsableCommand {
         defer { try? FileManager.default.removeItem(at: folder) }
         var storeConfiguration = PublisherStore.Configuration()
         storeConfiguration.durability = .normal
-        let store = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path, configuration: storeConfiguration)
+        let store = try PublisherStore(
+            path: folder.appendingPathComponent("source.sqlite").path, configuration: storeConfiguration)
         var serverConfiguration = PublisherServer.Configuration()
         serverConfiguration.port = 0
         serverConfiguration.heartbeatInterval = .milliseconds(500)
@@ -63,7 +64,9 @@ struct Demo: AsyncParsableCommand {
             fflush(nil)
         }
         say("concord demo: source and replicas in \(folder.path)")
-        let reports = try await PublisherServer.withRunningServer(store: store, configuration: serverConfiguration, logger: logger) { url in
+        let reports = try await PublisherServer.withRunningServer(
+            store: store, configuration: serverConfiguration, logger: logger
+        ) { url in
             say("publisher on \(url); workload \(rate) transactions/s for \(duration) s (seed \(seed))")
             let http = SourceClient.makeHTTPClient()
             do {
@@ -84,89 +87,89 @@ struct Demo: AsyncParsableCommand {
         url: String, folder: URL, store: PublisherStore, http: HTTPClient, duration: Int, rate: Int, seed: UInt64,
         logger: Logger, say: @Sendable (String) -> Void
     ) async throws -> [ReplicaReport] {
-            let plan: [(name: String, collections: [String]?)] = [
-                ("billing", nil), ("search", ["customers"]), ("analytics", nil),
-            ]
-            let subscribers = try plan.map { entry in
-                let store = try ReplicaStore(path: folder.appendingPathComponent("\(entry.name).sqlite").path)
-                return Subscriber(
-                    configuration: Subscriber.Configuration(source: url, collections: entry.collections),
-                    store: store, http: http, logger: logger)
+        let plan: [(name: String, collections: [String]?)] = [
+            ("billing", nil), ("search", ["customers"]), ("analytics", nil),
+        ]
+        let subscribers = try plan.map { entry in
+            let store = try ReplicaStore(path: folder.appendingPathComponent("\(entry.name).sqlite").path)
+            return Subscriber(
+                configuration: Subscriber.Configuration(source: url, collections: entry.collections),
+                store: store, http: http, logger: logger)
+        }
+        var running: [Int: Task<Void, Never>] = [:]
+        func start(_ index: Int) {
+            let subscriber = subscribers[index]
+            running[index] = Task { try? await subscriber.run() }
+        }
+        start(0)
+        start(1)
+        var workload = Workload(seed: seed)
+        let client = SourceClient(baseURL: url, http: http)
+        let begin = ContinuousClock.now
+        let interval = Duration.seconds(1) / max(1, rate)
+        var next = begin
+        var lastStatus = begin
+        var restarted = false
+        var stopped = false
+        while ContinuousClock.now - begin < .seconds(duration) {
+            try await client.write(workload.nextTransaction())
+            next += interval
+            let now = ContinuousClock.now
+            if next > now { try await Task.sleep(until: next) }
+            let elapsed = now - begin
+            if !stopped, elapsed > .seconds(duration) / 4 {
+                say("fault: billing stopped")
+                running[0]?.cancel()
+                await running[0]?.value
+                stopped = true
             }
-            var running: [Int: Task<Void, Never>] = [:]
-            func start(_ index: Int) {
-                let subscriber = subscribers[index]
-                running[index] = Task { try? await subscriber.run() }
+            if running[2] == nil, elapsed > .seconds(duration) / 3 {
+                say("event: analytics joins mid-stream and bootstraps")
+                start(2)
             }
-            start(0)
-            start(1)
-            var workload = Workload(seed: seed)
-            let client = SourceClient(baseURL: url, http: http)
-            let begin = ContinuousClock.now
-            let interval = Duration.seconds(1) / max(1, rate)
-            var next = begin
-            var lastStatus = begin
-            var restarted = false
-            var stopped = false
-            while ContinuousClock.now - begin < .seconds(duration) {
-                try await client.write(workload.nextTransaction())
-                next += interval
-                let now = ContinuousClock.now
-                if next > now { try await Task.sleep(until: next) }
-                let elapsed = now - begin
-                if !stopped, elapsed > .seconds(duration) / 4 {
-                    say("fault: billing stopped")
-                    running[0]?.cancel()
-                    await running[0]?.value
-                    stopped = true
-                }
-                if running[2] == nil, elapsed > .seconds(duration) / 3 {
-                    say("event: analytics joins mid-stream and bootstraps")
-                    start(2)
-                }
-                if !restarted, elapsed > .seconds(duration) / 2 {
-                    say("event: billing restarted, resumes where it was")
-                    start(0)
-                    restarted = true
-                }
-                if now - lastStatus > .seconds(1) {
-                    lastStatus = now
-                    var line = "head \(store.head)"
-                    for (index, subscriber) in subscribers.enumerated() {
-                        let position = (try? subscriber.store.state()?.position) ?? 0
-                        let activity = running[index] == nil ? "waiting" : subscriber.activity.rawValue
-                        line += " | \(plan[index].name) \(position) \(activity)"
-                    }
-                    say(line)
-                }
+            if !restarted, elapsed > .seconds(duration) / 2 {
+                say("event: billing restarted, resumes where it was")
+                start(0)
+                restarted = true
             }
-            let head = store.head
-            say("workload done at head \(head); waiting for every replica")
-            let deadline = ContinuousClock.now + .seconds(60)
-            while ContinuousClock.now < deadline {
-                let positions = subscribers.map { (try? $0.store.state()?.position) ?? 0 }
-                if positions.allSatisfy({ $0 >= head }) { break }
-                try await Task.sleep(for: .milliseconds(50))
-            }
-            for task in running.values { task.cancel() }
-            for task in running.values { await task.value }
-            var reports: [ReplicaReport] = []
-            let feed = try await store.feedInfo()
-            for (index, subscriber) in subscribers.enumerated() {
-                let collections = plan[index].collections ?? feed.collections.map(\.name)
-                var differences = 0
-                for collection in collections {
-                    let source = try await store.records(of: collection)
-                    let replica = try subscriber.store.records(of: collection)
-                    differences += Self.differences(source, replica)
+            if now - lastStatus > .seconds(1) {
+                lastStatus = now
+                var line = "head \(store.head)"
+                for (index, subscriber) in subscribers.enumerated() {
+                    let position = (try? subscriber.store.state()?.position) ?? 0
+                    let activity = running[index] == nil ? "waiting" : subscriber.activity.rawValue
+                    line += " | \(plan[index].name) \(position) \(activity)"
                 }
-                let position = try subscriber.store.state()?.position ?? 0
-                reports.append(
-                    ReplicaReport(
-                        name: plan[index].name, collections: collections, position: position,
-                        equal: differences == 0 && position == head, differences: differences))
+                say(line)
             }
-            return reports
+        }
+        let head = store.head
+        say("workload done at head \(head); waiting for every replica")
+        let deadline = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < deadline {
+            let positions = subscribers.map { (try? $0.store.state()?.position) ?? 0 }
+            if positions.allSatisfy({ $0 >= head }) { break }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        for task in running.values { task.cancel() }
+        for task in running.values { await task.value }
+        var reports: [ReplicaReport] = []
+        let feed = try await store.feedInfo()
+        for (index, subscriber) in subscribers.enumerated() {
+            let collections = plan[index].collections ?? feed.collections.map(\.name)
+            var differences = 0
+            for collection in collections {
+                let source = try await store.records(of: collection)
+                let replica = try subscriber.store.records(of: collection)
+                differences += Self.differences(source, replica)
+            }
+            let position = try subscriber.store.state()?.position ?? 0
+            reports.append(
+                ReplicaReport(
+                    name: plan[index].name, collections: collections, position: position,
+                    equal: differences == 0 && position == head, differences: differences))
+        }
+        return reports
     }
 
     func finish(_ reports: [ReplicaReport], say: (String) -> Void) throws {
@@ -176,16 +179,21 @@ struct Demo: AsyncParsableCommand {
             let object: [String: Any] = [
                 "equal": allEqual,
                 "replicas": reports.map {
-                    ["name": $0.name, "position": $0.position, "equal": $0.equal, "differences": $0.differences,
-                     "collections": $0.collections] as [String: Any]
+                    [
+                        "name": $0.name, "position": $0.position, "equal": $0.equal, "differences": $0.differences,
+                        "collections": $0.collections,
+                    ] as [String: Any]
                 },
             ]
             let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
             print(String(decoding: data, as: UTF8.self))
         } else {
             for report in reports {
-                say("\(report.name.padding(toLength: 10, withPad: " ", startingAt: 0)) at \(report.position): "
-                    + (report.equal ? "equal to the source (\(report.collections.joined(separator: ", ")))" : "DIFFERS in \(report.differences) records"))
+                say(
+                    "\(report.name.padding(toLength: 10, withPad: " ", startingAt: 0)) at \(report.position): "
+                        + (report.equal
+                            ? "equal to the source (\(report.collections.joined(separator: ", ")))"
+                            : "DIFFERS in \(report.differences) records"))
             }
             say(allEqual ? "every replica equals the source" : "some replica differs from the source")
         }
@@ -231,7 +239,9 @@ struct Workload {
             orders.append(order)
             let amount = Int.random(in: 100...99_999, using: &generator)
             return [
-                .upsert("orders", "o\(order)", json: "{\"customer\":\"c\(customer)\",\"amount_cents\":\(amount),\"status\":\"placed\"}"),
+                .upsert(
+                    "orders", "o\(order)",
+                    json: "{\"customer\":\"c\(customer)\",\"amount_cents\":\(amount),\"status\":\"placed\"}"),
                 .upsert("customers", "c\(customer)", json: self.customer(customer, tier: "active")),
             ]
         }

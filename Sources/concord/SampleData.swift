@@ -36,7 +36,8 @@ enum SampleData {
     /// A JSON object of about `size` bytes for record `id`; `revision` changes its content.
     static func value(id: Int, revision: Int = 0, size: Int = 225) -> String {
         let seed = UInt64(id) &* 31 &+ UInt64(revision)
-        let head = "{\"id\":\(id),\"rev\":\(revision),\"name\":\"\(hex(seed, count: 32))\",\"email\":\"\(hex(seed &+ 7, count: 24))@example.com\",\"bio\":\""
+        let head =
+            "{\"id\":\(id),\"rev\":\(revision),\"name\":\"\(hex(seed, count: 32))\",\"email\":\"\(hex(seed &+ 7, count: 24))@example.com\",\"bio\":\""
         let bioLength = max(8, size - head.utf8.count - 2)
         return head + hex(seed &+ 13, count: bioLength) + "\"}"
     }

@@ -1,7 +1,7 @@
 import ArgumentParser
 import ConcordCore
-import ConcordServer
 import ConcordSQLite
+import ConcordServer
 import Foundation
 import Logging
 import ServiceLifecycle
@@ -33,6 +33,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: .hidden)
     var dropEveryNthStreamItem: Int?
 
+    @Option(help: "Write the port listened on to this file once the server runs (useful with --port 0).")
+    var portFile: String?
+
     @OptionGroup var global: GlobalOptions
 
     func run() async throws {
@@ -55,10 +58,14 @@ struct Serve: AsyncParsableCommand {
         configuration.maxBodyBytes = maxBodyBytes
         configuration.dropEveryNthStreamItem = dropEveryNthStreamItem
         let host = self.host
+        let portFile = self.portFile
         let app = PublisherServer.makeApplication(store: store, configuration: configuration, logger: logger) { port in
             logger.info("publisher listening", metadata: ["url": "http://\(host):\(port)", "feed": "\(store.feedID)"])
             print("concord: serving feed \(store.feedID) on http://\(host):\(port) (head \(store.head))")
             fflush(nil)
+            if let portFile {
+                try? String(port).write(toFile: portFile, atomically: true, encoding: .utf8)
+            }
         }
         let group = ServiceGroup(
             configuration: .init(

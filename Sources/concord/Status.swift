@@ -70,13 +70,17 @@ struct Status: AsyncParsableCommand {
             print("head        \(feed.head)")
             print("oldest      \(feed.oldest)")
             for collection in feed.collections {
-                print("collection  \(collection.name.padding(toLength: 24, withPad: " ", startingAt: 0)) \(collection.count) records")
+                print(
+                    "collection  \(collection.name.padding(toLength: 24, withPad: " ", startingAt: 0)) \(collection.count) records"
+                )
             }
         }
         if let replica {
             if feed != nil { print("") }
             print("replica     \(db ?? "")")
-            print("feed        \(replica.feedID)\(feed.map { $0.feedID == replica.feedID ? "" : "  (differs from the source!)" } ?? "")")
+            print(
+                "feed        \(replica.feedID)\(feed.map { $0.feedID == replica.feedID ? "" : "  (differs from the source!)" } ?? "")"
+            )
             print("source      \(replica.source)")
             print("phase       \(replica.progress.phase.rawValue)")
             print("position    \(replica.position)")

@@ -1,0 +1,102 @@
+import Testing
+
+@testable import ConcordCore
+
+@Suite struct ChangeSequencerTests {
+    func change(_ lsn: LSN, commit: Bool = true) -> StreamItem {
+        .change(Change(lsn: lsn, collection: "c", key: "k\(lsn)", operation: .upsert, value: "1", isCommit: commit))
+    }
+
+    @Test func releasesOnlyWholeTransactions() {
+        var sequencer = ChangeSequencer(after: 10)
+        #expect(sequencer.receive(change(11, commit: false)) == .accepted)
+        #expect(sequencer.receive(change(12, commit: false)) == .accepted)
+        #expect(sequencer.takeComplete() == nil)
+        #expect(sequencer.receive(change(13)) == .accepted)
+        let complete = sequencer.takeComplete()
+        #expect(complete?.items.map(\.lastLSN) == [11, 12, 13])
+        #expect(complete?.through == 13)
+        #expect(sequencer.committed == 13)
+    }
+
+    @Test func reportsAGapInsteadOfSkippingIt() {
+        var sequencer = ChangeSequencer(after: 10)
+        #expect(sequencer.receive(change(11)) == .accepted)
+        #expect(sequencer.receive(change(13)) == .gap(expected: 12, received: 13))
+        // The hole is not papered over: the next item must still be 12.
+        #expect(sequencer.receive(change(14)) == .gap(expected: 12, received: 14))
+        #expect(sequencer.receive(change(12)) == .accepted)
+        #expect(sequencer.takeComplete()?.through == 12)
+    }
+
+    @Test func ignoresRepeatsOfWhatWasReceived() {
+        var sequencer = ChangeSequencer(after: 10)
+        #expect(sequencer.receive(change(11)) == .accepted)
+        #expect(sequencer.receive(change(11)) == .duplicate)
+        #expect(sequencer.receive(change(5)) == .duplicate)
+        #expect(sequencer.takeComplete()?.items.count == 1)
+    }
+
+    @Test func skipsCoverRangesAndJoin() {
+        var sequencer = ChangeSequencer(after: 0)
+        #expect(sequencer.receive(.skip(from: 1, through: 4, isCommit: false)) == .accepted)
+        #expect(sequencer.receive(change(5)) == .accepted)
+        #expect(sequencer.receive(.skip(from: 7, through: 8, isCommit: true)) == .gap(expected: 6, received: 7))
+        #expect(sequencer.receive(.skip(from: 6, through: 8, isCommit: true)) == .accepted)
+        #expect(sequencer.takeComplete()?.through == 8)
+    }
+
+    @Test func discardingAnOpenTransactionRewindsToTheLastCommit() {
+        var sequencer = ChangeSequencer(after: 0)
+        _ = sequencer.receive(change(1))
+        _ = sequencer.receive(change(2, commit: false))
+        sequencer.discardOpenTransaction()
+        #expect(sequencer.received == 1)
+        #expect(sequencer.receive(change(2, commit: true)) == .accepted)
+        #expect(sequencer.takeComplete()?.items.map(\.lastLSN) == [1, 2])
+    }
+}
+
+@Suite struct MergeAndBootstrapTests {
+    @Test func higherVersionWinsStrictly() {
+        #expect(MergeRule.incomingWins(incoming: 5, local: nil))
+        #expect(MergeRule.incomingWins(incoming: 5, local: 4))
+        #expect(!MergeRule.incomingWins(incoming: 5, local: 5))
+        #expect(!MergeRule.incomingWins(incoming: 4, local: 5))
+    }
+
+    @Test func mergesUntilEveryPageIsInAndThePositionPassesTheHorizon() {
+        var progress = BootstrapProgress.starting(collections: ["a", "b"], at: 100)
+        #expect(progress.applyMode(position: 100) == .merge)
+        progress.pageApplied(collection: "a", lsn: 120, lastKey: "k", hasMore: true)
+        progress.pageApplied(collection: "a", lsn: 130, lastKey: "z", hasMore: false)
+        #expect(progress.remaining.keys.sorted() == ["b"])
+        #expect(progress.remaining["b"] == .some(nil))
+        progress.pageApplied(collection: "b", lsn: 125, lastKey: nil, hasMore: false)
+        #expect(progress.horizon == 130)
+        #expect(!progress.isComplete(position: 129))
+        #expect(progress.isComplete(position: 130))
+        #expect(progress.applyMode(position: 200) == .merge)  // still bootstrapping until marked complete
+        progress.phase = .following
+        #expect(progress.applyMode(position: 130) == .ordered)
+    }
+
+    @Test func backoffGrowsToItsCeilingWithJitter() {
+        var backoff = Backoff(initial: .milliseconds(100), maximum: .seconds(1))
+        var generator = SystemRandomNumberGenerator()
+        var ceilings: [Duration] = []
+        for _ in 0..<6 {
+            let ceiling = backoff.ceiling
+            ceilings.append(ceiling)
+            let wait = backoff.next(using: &generator)
+            #expect(wait >= ceiling / 2 && wait <= ceiling)
+        }
+        #expect(
+            ceilings == [
+                .milliseconds(100), .milliseconds(200), .milliseconds(400), .milliseconds(800), .seconds(1),
+                .seconds(1),
+            ])
+        backoff.reset()
+        #expect(backoff.ceiling == .milliseconds(100))
+    }
+}

@@ -1,0 +1,132 @@
+import Testing
+
+@testable import ConcordCore
+
+@Suite struct WireFormatTests {
+    func line(_ item: StreamItem) -> [UInt8] {
+        var writer = JSONWriter()
+        WireFormat.append(item, to: &writer)
+        #expect(writer.bytes.last == 0x0A)
+        return Array(writer.bytes.dropLast())
+    }
+
+    @Test func streamItemsRoundTrip() throws {
+        let items: [StreamItem] = [
+            .change(
+                Change(
+                    lsn: 1, collection: "users", key: "k\"1", operation: .upsert, value: #"{"a":[1,2]}"#,
+                    isCommit: false)),
+            .change(Change(lsn: 2, collection: "users", key: "é", operation: .delete, value: nil, isCommit: true)),
+            .skip(from: 3, through: 9, isCommit: true),
+        ]
+        for item in items {
+            #expect(try WireFormat.parseStreamLine(line(item)) == .item(item))
+        }
+        var writer = JSONWriter()
+        WireFormat.appendHeartbeat(head: 42, to: &writer)
+        #expect(try WireFormat.parseStreamLine(Array(writer.bytes.dropLast())) == .heartbeat(head: 42))
+    }
+
+    @Test func refusesStreamLinesThatBreakTheProtocol() {
+        for text in [
+            #"{"lsn":1,"op":"upsert","collection":"c","key":"k"}"#,  // upsert without value
+            #"{"lsn":0,"op":"delete","collection":"c","key":"k"}"#,  // LSN 0
+            #"{"lsn":3,"from":5,"op":"skip"}"#,  // empty range
+            #"{"lsn":1,"op":"rename","collection":"c","key":"k"}"#,
+            #"{"lsn":-1,"op":"delete","collection":"c","key":"k"}"#,
+        ] {
+            #expect(throws: ConcordError.self) { try WireFormat.parseStreamLine(Array(text.utf8)) }
+        }
+    }
+
+    @Test func pagesRoundTripAndTruncationIsDetected() throws {
+        let page = SnapshotPage(
+            collection: "orders", lsn: 77,
+            records: [Record(key: "a", version: 3, value: "{}"), Record(key: "b\n", version: 70, value: "[1]")],
+            hasMore: true)
+        let bytes = WireFormat.encode(page)
+        #expect(try WireFormat.decodePage(bytes) == page)
+        let cut = Array(bytes.dropLast(5))
+        #expect(throws: ConcordError.self) { try WireFormat.decodePage(cut) }
+    }
+
+    @Test func writeRequestsParseAndCompactValues() throws {
+        let body =
+            #"{"changes":[{"collection":"users","key":"42","op":"upsert","value":{ "n" : 1 }},{"collection":"users","key":"7","op":"delete"}]}"#
+        let operations = try WireFormat.decodeWriteRequest(Array(body.utf8))
+        #expect(operations == [.upsert("users", "42", json: #"{"n":1}"#), .delete("users", "7")])
+        #expect(try WireFormat.decodeWriteRequest(WireFormat.encodeWriteRequest(operations)) == operations)
+    }
+
+    @Test(arguments: [
+        (#"{"changes":[]}"#, "invalid_request"),
+        (#"{}"#, "invalid_request"),
+        (#"[]"#, "invalid_request"),
+        (#"{"changes":[{"collection":"users","key":"1","op":"upsert"}]}"#, "invalid_request"),
+        (#"{"changes":[{"collection":"users","key":"1","op":"delete","value":1}]}"#, "invalid_request"),
+        (#"{"changes":[{"collection":"users","key":"","op":"delete"}]}"#, "invalid_request"),
+        (#"{"changes":[{"collection":"Users","key":"1","op":"delete"}]}"#, "invalid_request"),
+        (#"{"changes":[{"collection":"concord_x","key":"1","op":"delete"}]}"#, "invalid_request"),
+        (#"{"changes":[{"collection":"users","key":"1","op":"merge","value":1}]}"#, "invalid_request"),
+        (#"{"changes":[{"collection":"users","key":1,"op":"delete"}]}"#, "invalid_request"),
+        (#"{"changes":[{"collection":"users","key":"1","op":"delete","extra":true}]}"#, "invalid_request"),
+    ])
+    func refusesBadWriteRequests(body: String, code: String) {
+        #expect {
+            try WireFormat.decodeWriteRequest(Array(body.utf8))
+        } throws: { error in
+            (error as? ConcordError)?.code.rawValue == code
+        }
+    }
+
+    @Test func enforcesBatchKeyAndValueLimits() {
+        var limits = WireFormat.Limits()
+        limits.maxBatchChanges = 2
+        limits.maxKeyBytes = 4
+        limits.maxValueBytes = 8
+        let tooMany = WireFormat.encodeWriteRequest([.delete("c", "1"), .delete("c", "2"), .delete("c", "3")])
+        let longKey = WireFormat.encodeWriteRequest([.delete("c", "12345")])
+        let bigValue = WireFormat.encodeWriteRequest([.upsert("c", "1", json: "\"123456789\"")])
+        for body in [tooMany, longKey, bigValue] {
+            #expect {
+                try WireFormat.decodeWriteRequest(body, limits: limits)
+            } throws: { error in
+                (error as? ConcordError)?.code == .tooLarge
+            }
+        }
+    }
+
+    @Test func errorsRoundTrip() {
+        let error = ConcordError(.gone, "changes after 3 are no longer retained")
+        #expect(WireFormat.decodeError(WireFormat.encode(error)) == error)
+        #expect(WireFormat.decodeError(Array("not json".utf8)) == nil)
+    }
+
+    @Test func feedInfoRoundTrips() throws {
+        let feed = FeedInfo(feedID: "f", head: 9, oldest: 1, collections: [.init(name: "a", count: 3)])
+        #expect(try WireFormat.decodeFeed(WireFormat.encode(feed)) == feed)
+    }
+
+    @Test func lineSplitterJoinsChunks() {
+        var splitter = LineSplitter()
+        splitter.append(Array("ab".utf8))
+        #expect(splitter.next() == nil)
+        splitter.append(Array("c\n\nde\nf".utf8))
+        #expect(splitter.next() == Array("abc".utf8))
+        #expect(splitter.next() == Array("de".utf8))
+        #expect(splitter.next() == nil)
+        #expect(Array(splitter.remainder) == Array("f".utf8))
+    }
+
+    @Test func collectionNamesAreSafeTableNames() {
+        for good in ["users", "_x", "a1_b"] {
+            #expect(throws: Never.self) { try CollectionName.validate(good) }
+        }
+        for bad in [
+            "", "1a", "Users", "a-b", "a b", "concord_state", "sqlite_master", String(repeating: "a", count: 64),
+            "x\"y",
+        ] {
+            #expect(throws: ConcordError.self) { try CollectionName.validate(bad) }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+import ConcordCore
+import Foundation
+import GRDB
+import Testing
+
+@testable import ConcordSQLite
+
+func temporaryFile(_ name: String) -> String {
+    let folder = FileManager.default.temporaryDirectory.appendingPathComponent("concord-tests-\(UUID().uuidString)")
+    try! FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+    return folder.appendingPathComponent(name).path
+}
+
+@Suite struct PublisherStoreTests {
+    @Test func writesTakeGapFreeLSNsAndMarkCommits() async throws {
+        let store = try PublisherStore(path: temporaryFile("p.sqlite"))
+        let first = try await store.write { batch in
+            batch.upsert("users", key: "1", json: #"{ "a" : 1 }"#)
+            batch.upsert("users", key: "2", json: "2")
+        }
+        let second = try await store.write([.delete("users", "1")])
+        #expect(first == 2 && second == 3 && store.head == 3)
+        let items = try await store.items(after: 0, limit: 100)
+        #expect(items.map(\.lastLSN) == [1, 2, 3])
+        #expect(items.map(\.isCommit) == [false, true, true])
+        guard case .change(let change) = items[0] else { Issue.record("expected a change"); return }
+        #expect(change.value == #"{"a":1}"#)
+        let feed = try await store.feedInfo()
+        #expect(feed.collections == [.init(name: "users", count: 1)])
+        #expect(try await store.records(of: "users") == [Record(key: "2", version: 2, value: "2")])
+    }
+
+    @Test func aWriteWithInvalidJSONChangesNothing() async throws {
+        let store = try PublisherStore(path: temporaryFile("p.sqlite"))
+        try await store.write([.upsert("users", "1", json: "1")])
+        await #expect(throws: ConcordError.self) {
+            try await store.write([.upsert("users", "2", json: "2"), .upsert("users", "3", json: "{bad")])
+        }
+        #expect(store.head == 1)
+        #expect(try await store.records(of: "users").count == 1)
+    }
+
+    @Test func aPullNeverEndsInsideATransaction() async throws {
+        let store = try PublisherStore(path: temporaryFile("p.sqlite"))
+        try await store.write((1...50).map { .upsert("c", "\($0)", json: "\($0)") })
+        try await store.write([.upsert("c", "x", json: "0")])
+        let items = try await store.items(after: 0, limit: 10)
+        #expect(items.count == 50)
+        #expect(items.last?.isCommit == true)
+        #expect(try await store.items(after: 50, limit: 10).map(\.lastLSN) == [51])
+    }
+
+    @Test func filteredPullsCoverOtherCollectionsWithSkips() async throws {
+        let store = try PublisherStore(path: temporaryFile("p.sqlite"))
+        try await store.write([.upsert("a", "1", json: "1"), .upsert("b", "1", json: "1")])
+        try await store.write([.upsert("b", "2", json: "1"), .upsert("b", "3", json: "1")])
+        try await store.write([
+            .upsert("b", "4", json: "1"), .upsert("a", "2", json: "1"), .upsert("b", "5", json: "1"),
+        ])
+        let items = try await store.items(after: 0, limit: 100, collections: ["a"])
+        var sequencer = ChangeSequencer(after: 0)
+        for item in items { #expect(sequencer.receive(item) == .accepted) }
+        #expect(sequencer.committed == 7)
+        let changed: [LSN] = items.compactMap { if case .change(let c) = $0 { c.lsn } else { nil } }
+        #expect(changed == [1, 6])
+    }
+
+    @Test func pagesAreKeyOrderedAndStampedWithTheHead() async throws {
+        let store = try PublisherStore(path: temporaryFile("p.sqlite"))
+        try await store.write((1...25).map { .upsert("c", String(format: "%03d", $0), json: "\($0)") })
+        var keys: [String] = []
+        var afterKey: String?
+        while true {
+            let page = try await store.page(collection: "c", afterKey: afterKey, limit: 10)
+            #expect(page.lsn == 25)
+            keys += page.records.map(\.key)
+            guard page.hasMore else { break }
+            afterKey = page.records.last?.key
+        }
+        #expect(keys == (1...25).map { String(format: "%03d", $0) })
+        await #expect(throws: ConcordError.self) { try await store.page(collection: "nope", afterKey: nil, limit: 10) }
+    }
+
+    @Test func positionsPastTheHeadAreRefused() async throws {
+        let store = try PublisherStore(path: temporaryFile("p.sqlite"))
+        try await store.write([.upsert("c", "1", json: "1")])
+        try await store.checkPosition(1)
+        await #expect {
+            try await store.checkPosition(2)
+        } throws: { ($0 as? ConcordError)?.code == .beyondHead }
+    }
+
+    @Test func theFeedSurvivesReopening() async throws {
+        let path = temporaryFile("p.sqlite")
+        let feedID: String
+        do {
+            let store = try PublisherStore(path: path)
+            try await store.write([.upsert("c", "1", json: "1")])
+            feedID = store.feedID
+        }
+        let reopened = try PublisherStore(path: path)
+        #expect(reopened.feedID == feedID)
+        #expect(reopened.head == 1)
+    }
+}
+
+@Suite struct ReplicaStoreTests {
+    func upsert(_ lsn: LSN, _ key: String, _ value: String, commit: Bool = true) -> StreamItem {
+        .change(Change(lsn: lsn, collection: "c", key: key, operation: .upsert, value: value, isCommit: commit))
+    }
+
+    func delete(_ lsn: LSN, _ key: String) -> StreamItem {
+        .change(Change(lsn: lsn, collection: "c", key: key, operation: .delete, value: nil, isCommit: true))
+    }
+
+    @Test func snapshotRecordsNeverOverwriteNewerLogChangesOrTombstones() async throws {
+        let store = try ReplicaStore(path: temporaryFile("r.sqlite"))
+        _ = try await store.initialize(feedID: "f", source: "s", head: 10, collections: ["c"], filter: nil)
+        // The log runs ahead of the snapshot: k1 updated at 11, k2 deleted at 12.
+        try await store.apply([upsert(11, "k1", "\"new\""), delete(12, "k2")], through: 12)
+        // A page read at 10 still holds the old k1 and k2.
+        try await store.apply(
+            SnapshotPage(
+                collection: "c", lsn: 10,
+                records: [
+                    Record(key: "k1", version: 5, value: "\"old\""), Record(key: "k2", version: 6, value: "\"gone\""),
+                    Record(key: "k3", version: 7, value: "\"kept\""),
+                ], hasMore: false))
+        #expect(
+            try store.records(of: "c") == [
+                Record(key: "k1", version: 11, value: "\"new\""), Record(key: "k3", version: 7, value: "\"kept\""),
+            ])
+        #expect(try await store.completeBootstrapIfReady())
+        #expect(try store.state()?.progress.phase == .following)
+    }
+
+    @Test func aPageReadAfterTheLogChangeWinsAndBootstrapWaitsForTheHorizon() async throws {
+        let store = try ReplicaStore(path: temporaryFile("r.sqlite"))
+        _ = try await store.initialize(feedID: "f", source: "s", head: 10, collections: ["c"], filter: nil)
+        try await store.apply(
+            SnapshotPage(
+                collection: "c", lsn: 15, records: [Record(key: "k1", version: 14, value: "14")], hasMore: false))
+        #expect(try await store.completeBootstrapIfReady() == false)  // position 10 < horizon 15
+        try await store.apply(
+            [
+                upsert(11, "k1", "11"), upsert(12, "k2", "12"), delete(13, "k2"), upsert(14, "k1", "14"),
+                upsert(15, "k3", "15"),
+            ], through: 15)
+        #expect(try await store.completeBootstrapIfReady())
+        #expect(try store.records(of: "c").map(\.key) == ["k1", "k3"])
+        #expect(try store.records(of: "c").first?.version == 14)
+    }
+
+    @Test func changesThatDoNotContinueThePositionAreRefusedAndChangeNothing() async throws {
+        let store = try ReplicaStore(path: temporaryFile("r.sqlite"))
+        _ = try await store.initialize(feedID: "f", source: "s", head: 0, collections: [], filter: nil)
+        _ = try await store.completeBootstrapIfReady()
+        try await store.apply([upsert(1, "a", "1")], through: 1)
+        await #expect(throws: ConcordError.self) { try await store.apply([upsert(3, "b", "3")], through: 3) }
+        await #expect(throws: ConcordError.self) { try await store.apply([upsert(1, "b", "3")], through: 1) }
+        #expect(try store.state()?.position == 1)
+        #expect(try store.records(of: "c").map(\.key) == ["a"])
+    }
+
+    @Test func replicaTablesArePlainSQL() async throws {
+        let path = temporaryFile("r.sqlite")
+        let store = try ReplicaStore(path: path)
+        _ = try await store.initialize(feedID: "f", source: "s", head: 0, collections: [], filter: nil)
+        try await store.apply([upsert(1, "a", #"{"n":1}"#)], through: 1)
+        let queue = try DatabaseQueue(path: path)
+        let row = try queue.read { db in try Row.fetchOne(db, sql: "SELECT key, version, value FROM c") }
+        #expect(row?["key"] == "a")
+        #expect(row?["version"] == 1)
+        #expect(row?["value"] == #"{"n":1}"#)
+        let columns = try await queue.read { db in try db.columns(in: "c").map(\.name) }
+        #expect(columns == ["key", "version", "value"])
+    }
+}

@@ -1,0 +1,139 @@
+import AsyncHTTPClient
+import ConcordClient
+import ConcordCore
+import ConcordSQLite
+import ConcordServer
+import Foundation
+import Logging
+import NIOCore
+import Testing
+
+/// What the end-to-end tests share: folders, the `concord` binary, child processes, waiting, comparing.
+enum Harness {
+    static let logger: Logger = {
+        var logger = Logger(label: "concord.tests")
+        logger.logLevel = .critical
+        return logger
+    }()
+
+    static func folder() -> URL {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("concord-e2e-\(UUID().uuidString)")
+        try! FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        return folder
+    }
+
+    /// The `concord` executable built with the tests (`CONCORD_BIN` overrides).
+    static var binary: String {
+        if let path = ProcessInfo.processInfo.environment["CONCORD_BIN"] { return path }
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        return root.appendingPathComponent(".build/debug/concord").path
+    }
+
+    static func waitUntil(
+        _ what: String, timeout: Duration = .seconds(60), _ condition: () async throws -> Bool
+    ) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if try await condition() { return }
+            try await Task.sleep(for: .milliseconds(25))
+        }
+        throw ConcordError(.internal, "timed out waiting until \(what)")
+    }
+
+    /// Differences between the source's records and a replica's, per key (missing, extra or different).
+    static func differences(source: PublisherStore, replica: ReplicaStore, collections: [String]? = nil) async throws
+        -> [String]
+    {
+        var names = collections ?? []
+        if collections == nil { names = try await source.feedInfo().collections.map(\.name) }
+        var found: [String] = []
+        for name in names {
+            var expected: [String: ConcordCore.Record] = [:]
+            for record in try await source.records(of: name) { expected[record.key] = record }
+            for record in try replica.records(of: name) {
+                if let match = expected.removeValue(forKey: record.key) {
+                    if match != record { found.append("\(name)/\(record.key): stale") }
+                } else {
+                    found.append("\(name)/\(record.key): extra")
+                }
+            }
+            found += expected.keys.map { "\(name)/\($0): missing" }
+        }
+        return found
+    }
+
+    static func makeSubscriber(
+        source: String, store: ReplicaStore, http: HTTPClient, collections: [String]? = nil, pageSize: Int = 500
+    )
+        -> Subscriber
+    {
+        var configuration = Subscriber.Configuration(source: source, collections: collections)
+        configuration.pageSize = pageSize
+        configuration.backoffInitial = .milliseconds(20)
+        configuration.backoffMaximum = .milliseconds(300)
+        return Subscriber(configuration: configuration, store: store, http: http, logger: logger)
+    }
+}
+
+/// A `concord` child process.
+final class ConcordProcess: @unchecked Sendable {
+    let process = Process()
+
+    init(_ arguments: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: Harness.binary)
+        process.arguments = arguments + ["--log-level", "error"]
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+    }
+
+    var isRunning: Bool { process.isRunning }
+
+    func kill9() {
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    func terminate() -> Int32 {
+        process.terminate()
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    deinit {
+        if process.isRunning { kill9() }
+    }
+
+    /// Starts `concord serve` on `port` (0: any) and returns it with the port it listens on.
+    static func serve(db: String, port: Int = 0, extra: [String] = []) async throws -> (ConcordProcess, Int) {
+        let portFile = db + ".port"
+        try? FileManager.default.removeItem(atPath: portFile)
+        let child = try ConcordProcess(["serve", "--db", db, "--port", String(port), "--port-file", portFile] + extra)
+        var bound = 0
+        try await Harness.waitUntil("the publisher listens", timeout: .seconds(30)) {
+            guard child.isRunning else { throw ConcordError(.internal, "concord serve exited") }
+            bound = (try? String(contentsOfFile: portFile, encoding: .utf8)).flatMap { Int($0) } ?? 0
+            return bound > 0
+        }
+        return (child, bound)
+    }
+}
+
+/// A background writer of random transactions (upserts and deletes over a key space) straight into a store.
+struct RandomWorkload {
+    var generator: SystemRandomNumberGenerator = .init()
+    let keySpace: Int
+
+    mutating func transaction() -> [WriteOperation] {
+        (0..<Int.random(in: 1...5, using: &generator)).map { _ in
+            let key = "k\(Int.random(in: 0..<keySpace, using: &generator))"
+            if Int.random(in: 0..<4, using: &generator) == 0 { return .delete("items", key) }
+            return .upsert(
+                "items", key,
+                json:
+                    "{\"v\":\(Int.random(in: 0..<1_000_000, using: &generator)),\"pad\":\"\(String(repeating: "x", count: 40))\"}"
+            )
+        }
+    }
+}

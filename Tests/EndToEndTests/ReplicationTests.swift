@@ -1,0 +1,133 @@
+import AsyncHTTPClient
+import ConcordClient
+import ConcordCore
+import ConcordSQLite
+import ConcordServer
+import Foundation
+import Testing
+
+@Suite(.serialized, .timeLimit(.minutes(5)))
+struct ReplicationTests {
+    @Test func aNewReplicaBootstrapsWhileWritesContinueAndEndsEqual() async throws {
+        let folder = Harness.folder()
+        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
+        for start in stride(from: 0, to: 5000, by: 1000) {
+            try await source.write((start..<start + 1000).map { .upsert("items", "k\($0)", json: "{\"v\":\($0)}") })
+        }
+        try await PublisherServer.withRunningServer(store: source, configuration: .testing, logger: Harness.logger) {
+            url in
+            let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+            let http = SourceClient.makeHTTPClient()
+            let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http, pageSize: 100)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await subscriber.run() }
+                var workload = RandomWorkload(keySpace: 6000)
+                var sawBootstrap = false
+                for _ in 0..<400 {
+                    try await source.write(workload.transaction())
+                    if try replica.state()?.progress.phase == .bootstrapping { sawBootstrap = true }
+                    try await Task.sleep(for: .milliseconds(2))
+                }
+                #expect(sawBootstrap, "writes went on while the replica was bootstrapping")
+                let head = source.head
+                try await Harness.waitUntil("the replica reaches the head") {
+                    let state = try replica.state()
+                    return state?.position == head && state?.progress.phase == .following
+                }
+                group.cancelAll()
+            }
+            try await http.shutdown()
+            #expect(try await Harness.differences(source: source, replica: replica) == [])
+        }
+    }
+
+    @Test func aLostStreamMessageIsDetectedAndRefilledByPull() async throws {
+        let folder = Harness.folder()
+        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
+        var configuration = PublisherServer.Configuration.testing
+        configuration.dropEveryNthStreamItem = 13
+        try await PublisherServer.withRunningServer(store: source, configuration: configuration, logger: Harness.logger)
+        { url in
+            let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+            let http = SourceClient.makeHTTPClient()
+            let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await subscriber.run() }
+                var workload = RandomWorkload(keySpace: 300)
+                for _ in 0..<300 {
+                    try await source.write(workload.transaction())
+                    try await Task.sleep(for: .milliseconds(1))
+                }
+                let head = source.head
+                try await Harness.waitUntil("the replica reaches the head") { try replica.state()?.position == head }
+                group.cancelAll()
+            }
+            try await http.shutdown()
+            #expect(try await Harness.differences(source: source, replica: replica) == [])
+        }
+    }
+
+    @Test func aReplicaFollowsOnlyTheCollectionsItAsksFor() async throws {
+        let folder = Harness.folder()
+        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
+        try await source.write([.upsert("customers", "c1", json: "1"), .upsert("orders", "o1", json: "1")])
+        try await PublisherServer.withRunningServer(store: source, configuration: .testing, logger: Harness.logger) {
+            url in
+            let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+            let http = SourceClient.makeHTTPClient()
+            let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http, collections: ["customers"])
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await subscriber.run() }
+                for n in 2...50 {
+                    try await source.write([
+                        .upsert("orders", "o\(n)", json: "\(n)"), .upsert("customers", "c\(n)", json: "\(n)"),
+                        .upsert("orders", "x\(n)", json: "\(n)"),
+                    ])
+                    try await source.write([.upsert("orders", "only\(n)", json: "\(n)")])
+                }
+                let head = source.head
+                try await Harness.waitUntil("the replica reaches the head") { try replica.state()?.position == head }
+                group.cancelAll()
+            }
+            try await http.shutdown()
+            #expect(try replica.collections() == ["customers"])
+            #expect(try await Harness.differences(source: source, replica: replica, collections: ["customers"]) == [])
+        }
+    }
+
+    @Test func aReplicaOfAnotherFeedIsRefused() async throws {
+        let folder = Harness.folder()
+        let first = try PublisherStore(path: folder.appendingPathComponent("a.sqlite").path)
+        let second = try PublisherStore(path: folder.appendingPathComponent("b.sqlite").path)
+        try await first.write([.upsert("c", "1", json: "1")])
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        let http = SourceClient.makeHTTPClient()
+        try await PublisherServer.withRunningServer(store: first, configuration: .testing, logger: Harness.logger) {
+            url in
+            let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await subscriber.run() }
+                try await Harness.waitUntil("the replica follows") { try replica.state()?.position == 1 }
+                group.cancelAll()
+            }
+        }
+        try await PublisherServer.withRunningServer(store: second, configuration: .testing, logger: Harness.logger) {
+            url in
+            let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http)
+            await #expect {
+                try await subscriber.run()
+            } throws: { ($0 as? ConcordError)?.code == .feedMismatch }
+        }
+        try await http.shutdown()
+        #expect(try replica.records(of: "c").count == 1)
+    }
+}
+
+extension PublisherServer.Configuration {
+    static var testing: Self {
+        var configuration = Self()
+        configuration.port = 0
+        configuration.heartbeatInterval = .milliseconds(200)
+        return configuration
+    }
+}
