@@ -52,11 +52,10 @@ public struct SourceClient: Sendable {
         var path = "/v1/changes?after=\(after)&limit=\(limit)&wait=\(wait)"
         if let collections { path += "&collections=" + collections.joined(separator: ",") }
         let (body, headers) = try await get(path, timeout: .seconds(Int64(wait)) + configuration.requestTimeout)
-        var lines = LineSplitter()
-        lines.append(body)
+        var lines = LineRanges(body)
         var items: [StreamItem] = []
         while let line = lines.next() {
-            if case .item(let item) = try WireFormat.parseStreamLine(line) { items.append(item) }
+            if case .item(let item) = try WireFormat.parseStreamLine(body, range: line) { items.append(item) }
         }
         return (items, headers.first(name: "concord-head").flatMap { LSN($0) })
     }

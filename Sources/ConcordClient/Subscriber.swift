@@ -19,7 +19,7 @@ public final class Subscriber: Service, Sendable {
         /// Follow only these collections; `nil`: all.
         public var collections: [String]?
         /// Records per snapshot page.
-        public var pageSize = 5000
+        public var pageSize = 10_000
         /// Changes per pull while catching up.
         public var pullLimit = 10_000
         public var backoffInitial: Duration = .milliseconds(100)
@@ -134,8 +134,11 @@ public final class Subscriber: Service, Sendable {
                     }
                     for try await result in group where result != nil { next = result }
                 }
-                // Keep the log applied alongside, so the replica never falls far behind.
-                _ = try await pull(maxRounds: 1)
+                // Keep the log applied alongside, so the replica never falls far behind;
+                // a page read at the replica's position says there is nothing to pull.
+                if let position = try store.state()?.position, current.lsn > position {
+                    _ = try await pull(maxRounds: 1)
+                }
                 guard let following = next else { break }
                 page = following
             }
@@ -189,8 +192,8 @@ public final class Subscriber: Service, Sendable {
         do {
             for try await chunk in response.body {
                 lines.append(chunk.readableBytesView)
-                while let line = lines.next() {
-                    switch try WireFormat.parseStreamLine(line) {
+                while let line = lines.nextRange() {
+                    switch try WireFormat.parseStreamLine(lines.buffer, range: line) {
                     case .heartbeat(let head):
                         try await store.noteSourceHead(head)
                     case .item(let item):

@@ -30,10 +30,16 @@ public struct JSONScanner {
 
     /// Parses the whole input as one JSON value (surrounding white space allowed).
     public func document() throws(ConcordError) -> Value {
-        var index = 0
+        try document(in: 0..<bytes.count)
+    }
+
+    /// Parses `range` of the input as one JSON value (surrounding white space allowed),
+    /// e.g. one line of a newline-delimited body without copying it out.
+    public func document(in range: Range<Int>) throws(ConcordError) -> Value {
+        var index = range.lowerBound
         let value = try parseValue(at: &index, depth: 0)
-        skipWhitespace(&index)
-        guard index == bytes.count else { throw Self.error("unexpected text after the JSON value", at: index) }
+        while index < range.upperBound, Self.isWhitespace(bytes[index]) { index += 1 }
+        guard index == range.upperBound else { throw Self.error("unexpected text after the JSON value", at: index) }
         return value
     }
 
@@ -344,6 +350,8 @@ public struct JSONScanner {
         guard index < bytes.count, bytes[index] == 0x22 else { throw Self.error("expected a string", at: index) }
         index += 1
         while index < bytes.count {
+            index = Self.skipPlainASCII(bytes, from: index)
+            guard index < bytes.count else { break }
             let byte = bytes[index]
             switch byte {
             case 0x22:
@@ -378,6 +386,40 @@ public struct JSONScanner {
             }
         }
         throw Self.error("unterminated string", at: start)
+    }
+
+    /// The index of the first byte at or after `start` that needs attention inside a string:
+    /// a quote, a backslash, a control character or a non-ASCII byte.
+    ///
+    /// Looks at eight bytes at a time: values are mostly plain ASCII, and this loop decides
+    /// how fast a subscriber can read them.
+    @inline(__always)
+    static func skipPlainASCII(_ bytes: [UInt8], from start: Int) -> Int {
+        bytes.withUnsafeBufferPointer { buffer in
+            guard let base = buffer.baseAddress else { return start }
+            var position = start
+            let ones: UInt64 = 0x0101_0101_0101_0101
+            let highs: UInt64 = 0x8080_8080_8080_8080
+            while position + 8 <= buffer.count {
+                let word = UnsafeRawPointer(base + position).loadUnaligned(as: UInt64.self)
+                // A byte of `x` is zero exactly when (x - 1) & ~x has its high bit set.
+                let quote = word ^ (ones &* 0x22)
+                let backslash = word ^ (ones &* 0x5C)
+                let hasQuote = (quote &- ones) & ~quote & highs
+                let hasBackslash = (backslash &- ones) & ~backslash & highs
+                // Bytes below 0x20: subtracting 0x20 borrows into the high bit (only for ASCII bytes).
+                let hasControl = (word &- ones &* 0x20) & ~word & highs
+                let hasHigh = word & highs
+                if hasQuote | hasBackslash | hasControl | hasHigh != 0 { break }
+                position += 8
+            }
+            while position < buffer.count {
+                let byte = buffer[position]
+                if byte == 0x22 || byte == 0x5C || byte < 0x20 || byte >= 0x80 { break }
+                position += 1
+            }
+            return position
+        }
     }
 
     /// Validates one multi-byte UTF-8 sequence and returns the index after it.

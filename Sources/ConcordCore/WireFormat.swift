@@ -55,8 +55,13 @@ public enum WireFormat {
     }
 
     public static func parseStreamLine(_ line: [UInt8]) throws(ConcordError) -> StreamLine {
-        let scanner = JSONScanner(line)
-        let object = try scanner.document()
+        try parseStreamLine(line, range: 0..<line.count)
+    }
+
+    /// Parses the line at `range` of `bytes` (no newline).
+    public static func parseStreamLine(_ bytes: [UInt8], range: Range<Int>) throws(ConcordError) -> StreamLine {
+        let scanner = JSONScanner(bytes)
+        let object = try scanner.document(in: range)
         var lsn: LSN?
         var from: LSN?
         var head: LSN?
@@ -131,28 +136,27 @@ public enum WireFormat {
     }
 
     public static func decodePage(_ bytes: [UInt8]) throws(ConcordError) -> SnapshotPage {
-        var lines = LineSplitter()
-        lines.append(bytes)
+        // Lines are parsed where they lie in the body; nothing is copied but the fields kept.
+        let scanner = JSONScanner(bytes)
+        var lines = LineRanges(bytes)
         guard let header = lines.next() else { throw ConcordError(.protocolViolation, "empty snapshot page") }
-        let headerScanner = JSONScanner(header)
         var page = SnapshotPage(collection: "", lsn: 0, records: [], hasMore: false)
         var count = 0
-        try headerScanner.forEachMember(of: try headerScanner.document()) { (name, member) throws(ConcordError) in
+        try scanner.forEachMember(of: try scanner.document(in: header)) { (name, member) throws(ConcordError) in
             switch name {
-            case "collection": page.collection = try headerScanner.decodeString(member)
-            case "lsn": page.lsn = try headerScanner.decodeUInt64(member)
-            case "count": count = Int(try headerScanner.decodeUInt64(member))
-            case "more": page.hasMore = try headerScanner.decodeBool(member)
+            case "collection": page.collection = try scanner.decodeString(member)
+            case "lsn": page.lsn = try scanner.decodeUInt64(member)
+            case "count": count = Int(try scanner.decodeUInt64(member))
+            case "more": page.hasMore = try scanner.decodeBool(member)
             default: break
             }
         }
-        page.records.reserveCapacity(count)
+        page.records.reserveCapacity(min(count, 100_000))
         while let line = lines.next() {
-            let scanner = JSONScanner(line)
             var key: String?
             var version: LSN?
             var value: String?
-            try scanner.forEachMember(of: try scanner.document()) { (name, member) throws(ConcordError) in
+            try scanner.forEachMember(of: try scanner.document(in: line)) { (name, member) throws(ConcordError) in
                 switch name {
                 case "key": key = try scanner.decodeString(member)
                 case "version": version = try scanner.decodeUInt64(member)
@@ -165,7 +169,7 @@ public enum WireFormat {
             }
             page.records.append(Record(key: key, version: version, value: value))
         }
-        guard lines.remainder.isEmpty, page.records.count == count else {
+        guard lines.isAtEnd, page.records.count == count else {
             throw ConcordError(.protocolViolation, "truncated snapshot page: \(page.records.count) of \(count) records")
         }
         return page
@@ -369,9 +373,43 @@ public enum CollectionName {
     }
 }
 
+/// The newline-terminated lines of a complete body, as ranges into it.
+public struct LineRanges {
+    let bytes: [UInt8]
+    var start = 0
+
+    public init(_ bytes: [UInt8]) { self.bytes = bytes }
+
+    /// The next non-empty line without its newline.
+    public mutating func next() -> Range<Int>? {
+        while let newline = Self.newline(in: bytes, from: start) {
+            let line = start..<newline
+            start = newline + 1
+            if !line.isEmpty { return line }
+        }
+        return nil
+    }
+
+    /// Whether every byte was consumed (the body ended with a newline).
+    public var isAtEnd: Bool { start == bytes.count }
+
+    @inline(__always)
+    static func newline(in bytes: [UInt8], from start: Int) -> Int? {
+        bytes.withUnsafeBufferPointer { buffer in
+            var position = start
+            while position < buffer.count {
+                if buffer[position] == 0x0A { return position }
+                position += 1
+            }
+            return nil
+        }
+    }
+}
+
 /// Splits bytes arriving in arbitrary chunks into newline-terminated lines.
 public struct LineSplitter: Sendable {
-    private var buffer: [UInt8] = []
+    /// The bytes received; ranges from ``nextRange()`` index into it until the next ``append(_:)``.
+    public private(set) var buffer: [UInt8] = []
     private var start = 0
 
     public init() {}
@@ -387,14 +425,19 @@ public struct LineSplitter: Sendable {
         buffer.append(contentsOf: bytes)
     }
 
-    /// The next complete line without its newline; empty lines are skipped.
-    public mutating func next() -> [UInt8]? {
-        while true {
-            guard let newline = buffer[start...].firstIndex(of: 0x0A) else { return nil }
-            let line = Array(buffer[start..<newline])
+    /// The range in ``buffer`` of the next complete line without its newline; empty lines are skipped.
+    public mutating func nextRange() -> Range<Int>? {
+        while let newline = LineRanges.newline(in: buffer, from: start) {
+            let line = start..<newline
             start = newline + 1
             if !line.isEmpty { return line }
         }
+        return nil
+    }
+
+    /// The next complete line without its newline; empty lines are skipped.
+    public mutating func next() -> [UInt8]? {
+        nextRange().map { Array(buffer[$0]) }
     }
 
     /// Bytes received after the last newline.

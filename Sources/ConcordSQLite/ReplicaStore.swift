@@ -29,6 +29,9 @@ public final class ReplicaStore: Sendable {
         /// `.normal` (default): a crash loses nothing; a power loss may lose the last
         /// transactions, and the subscriber fetches them again because the position rolls back with them.
         public var durability: SQLiteDurability = .normal
+        /// SQLite page cache per connection. A replica writes mostly in key or LSN order, so a
+        /// small cache costs little speed and keeps the subscriber's memory flat.
+        public var cacheMegabytes = 16
         /// Records the LSN of every change applied in `concord_applied`, so tests can
         /// prove that no change was applied twice. Off by default.
         public var auditAppliedChanges = false
@@ -42,7 +45,8 @@ public final class ReplicaStore: Sendable {
     public init(path: String, configuration: Configuration = Configuration()) throws {
         self.path = path
         self.configuration = configuration
-        pool = try SQLiteOpener.open(path: path, durability: configuration.durability)
+        pool = try SQLiteOpener.open(
+            path: path, durability: configuration.durability, cacheMegabytes: configuration.cacheMegabytes)
         do {
             var migrator = DatabaseMigrator()
             migrator.registerMigration("v1") { db in
@@ -230,8 +234,19 @@ public final class ReplicaStore: Sendable {
                 }
                 guard state.progress.remaining[page.collection] != nil else { return }  // already complete
                 var applier = try Applier(db: db, mode: .merge, keepTombstones: true, collections: [page.collection])
+                // Tombstones are rare (deletes that raced the bootstrap); without one in the
+                // page's key range, the version check alone decides.
+                let hasTombstones =
+                    try Bool.fetchOne(
+                        db,
+                        sql: """
+                            SELECT EXISTS (SELECT 1 FROM concord_tombstones
+                                WHERE collection = ? AND key >= ? AND key <= ?)
+                            """,
+                        arguments: [page.collection, page.records.first?.key ?? "", page.records.last?.key ?? ""]
+                    ) ?? true
                 for record in page.records {
-                    try applier.merge(record, into: page.collection)
+                    try applier.merge(record, into: page.collection, checkTombstones: hasTombstones)
                 }
                 state.progress.pageApplied(
                     collection: page.collection, lsn: page.lsn, lastKey: page.records.last?.key,
@@ -311,6 +326,7 @@ struct Applier {
         var upsert: RawStatement
         var delete: RawStatement
         var mergeUpsert: RawStatement
+        var newerUpsert: RawStatement
         var mergeDelete: RawStatement
     }
 
@@ -348,6 +364,13 @@ struct Applier {
                         ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value
                         WHERE excluded.version > \(table).version
                         """), in: db),
+            newerUpsert: RawStatement(
+                try db.cachedStatement(
+                    sql: """
+                        INSERT INTO \(table) (key, version, value) VALUES (?1, ?2, ?3)
+                        ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value
+                        WHERE excluded.version > \(table).version
+                        """), in: db),
             mergeDelete: RawStatement(
                 try db.cachedStatement(sql: "DELETE FROM \(table) WHERE key = ?1 AND version < ?2"), in: db))
         statements[collection] = made
@@ -376,13 +399,22 @@ struct Applier {
     }
 
     /// Writes `record` unless the replica holds the key, or a tombstone of it, at an equal or higher version.
-    mutating func merge(_ record: Record, into collection: String) throws {
-        let statement = try statements(for: collection).mergeUpsert
-        statement.bind(1, record.key)
-        statement.bind(2, record.version)
-        statement.bind(3, record.value)
-        statement.bind(4, collection)
-        try statement.run()
+    ///
+    /// `checkTombstones: false` is for callers that know no tombstone can match.
+    mutating func merge(_ record: Record, into collection: String, checkTombstones: Bool = true) throws {
+        let statements = try statements(for: collection)
+        if checkTombstones {
+            statements.mergeUpsert.bind(1, record.key)
+            statements.mergeUpsert.bind(2, record.version)
+            statements.mergeUpsert.bind(3, record.value)
+            statements.mergeUpsert.bind(4, collection)
+            try statements.mergeUpsert.run()
+        } else {
+            statements.newerUpsert.bind(1, record.key)
+            statements.newerUpsert.bind(2, record.version)
+            statements.newerUpsert.bind(3, record.value)
+            try statements.newerUpsert.run()
+        }
     }
 
     private mutating func recordTombstone(_ collection: String, _ key: String, _ version: LSN) throws {

@@ -95,13 +95,18 @@ public enum SQLiteDurability: String, Sendable, CaseIterable {
 
 enum SQLiteOpener {
     /// Opens (or creates) a WAL-mode database pool with Concord's settings.
-    static func open(path: String, durability: SQLiteDurability, readonly: Bool = false) throws -> DatabasePool {
+    static func open(path: String, durability: SQLiteDurability, cacheMegabytes: Int = 64, readonly: Bool = false)
+        throws -> DatabasePool
+    {
         var configuration = GRDB.Configuration()
         configuration.readonly = readonly
         configuration.busyMode = .timeout(10)
         configuration.prepareDatabase { db in
+            // Only takes effect when the file is new: 16 KiB pages make bulk inserts of
+            // ~250-byte rows about 20% faster than the 4 KiB default (measured with `concord bench`).
+            try db.execute(sql: "PRAGMA page_size = 16384")
             try db.execute(sql: "PRAGMA synchronous = \(durability.pragma)")
-            try db.execute(sql: "PRAGMA cache_size = -65536")
+            try db.execute(sql: "PRAGMA cache_size = -\(cacheMegabytes * 1024)")
             try db.execute(sql: "PRAGMA temp_store = MEMORY")
         }
         do {
@@ -127,3 +132,34 @@ extension ConcordError {
 
 /// Concord's record, not GRDB's `Record` class.
 typealias Record = ConcordCore.Record
+
+/// The physical limit a replica's bulk apply is measured against.
+package enum SQLiteInsertBenchmark {
+    /// Inserts `rows` into a fresh table laid out like a replica table, with Concord's
+    /// settings, binding arguments directly, `batch` rows per transaction; returns seconds.
+    package static func run(path: String, rows: [(key: String, value: String)], batch: Int) throws -> Double {
+        let pool = try SQLiteOpener.open(path: path, durability: .normal)
+        try pool.write { db in
+            try db.execute(
+                sql: "CREATE TABLE bench (key TEXT PRIMARY KEY, version INTEGER NOT NULL, value TEXT NOT NULL)")
+        }
+        let start = ContinuousClock.now
+        var index = 0
+        while index < rows.count {
+            let end = min(rows.count, index + batch)
+            try pool.write { db in
+                let insert = RawStatement(
+                    try db.cachedStatement(sql: "INSERT INTO bench (key, version, value) VALUES (?1, ?2, ?3)"), in: db)
+                for position in index..<end {
+                    insert.bind(1, rows[position].key)
+                    insert.bind(2, position + 1)
+                    insert.bind(3, rows[position].value)
+                    try insert.run()
+                }
+            }
+            index = end
+        }
+        let elapsed = ContinuousClock.now - start
+        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    }
+}

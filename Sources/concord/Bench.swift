@@ -4,7 +4,6 @@ import ConcordCore
 import ConcordSQLite
 import ConcordServer
 import Foundation
-import GRDB
 import Logging
 
 struct Bench: AsyncParsableCommand {
@@ -31,6 +30,12 @@ struct Bench: AsyncParsableCommand {
 
     @OptionGroup var output: OutputOptions
     @OptionGroup var global: GlobalOptions
+
+    static var server: PublisherServer.Configuration {
+        var configuration = PublisherServer.Configuration()
+        configuration.port = 0
+        return configuration
+    }
 
     static let pgApplyRowsPerSecond = 51_000.0
     static let pgInitialSyncSeconds = 5.05
@@ -73,7 +78,9 @@ struct Bench: AsyncParsableCommand {
         say("stream: \(count) records of 200-byte values, then \(count) updates twice")
         try await Self.load(store, count: count, size: 200, revision: 0)
         let replicaPath = folder.appendingPathComponent("stream-replica.sqlite").path
-        let report = try await PublisherServer.withRunningServer(store: store, logger: logger) { url in
+        let report = try await PublisherServer.withRunningServer(
+            store: store, configuration: Self.server, logger: logger
+        ) { url in
             let child = try FollowProcess(source: url, db: replicaPath)
             defer { child.stop() }
             try await child.waitUntil(timeout: .seconds(300)) {
@@ -146,7 +153,8 @@ struct Bench: AsyncParsableCommand {
 
         func measure(_ store: PublisherStore, name: String) async throws -> (seconds: Double, rss: Double) {
             let replicaPath = folder.appendingPathComponent("boot-replica-\(name).sqlite").path
-            return try await PublisherServer.withRunningServer(store: store, logger: logger) { url in
+            return try await PublisherServer.withRunningServer(store: store, configuration: Self.server, logger: logger)
+            { url in
                 let start = ContinuousClock.now
                 let child = try FollowProcess(source: url, db: replicaPath)
                 defer { child.stop() }
@@ -199,23 +207,8 @@ struct Bench: AsyncParsableCommand {
     }
 
     static func rawInsert(path: String, count: Int) throws -> Double {
-        let rows = (1...count).map { (SampleData.key($0), SampleData.value(id: $0, size: 225)) }
-        var configuration = GRDB.Configuration()
-        configuration.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = NORMAL") }
-        let queue = try DatabaseQueue(path: path, configuration: configuration)
-        try queue.writeWithoutTransaction { db in
-            try db.execute(sql: "PRAGMA journal_mode = WAL")
-            try db.execute(
-                sql: "CREATE TABLE bench (key TEXT PRIMARY KEY, version INTEGER NOT NULL, value TEXT NOT NULL)")
-        }
-        let start = ContinuousClock.now
-        try queue.write { db in
-            let statement = try db.makeStatement(sql: "INSERT INTO bench (key, version, value) VALUES (?, ?, ?)")
-            for (index, row) in rows.enumerated() {
-                try statement.execute(arguments: [row.0, index + 1, row.1])
-            }
-        }
-        return (ContinuousClock.now - start).seconds
+        let rows = (1...count).map { (key: SampleData.key($0), value: SampleData.value(id: $0, size: 225)) }
+        return try SQLiteInsertBenchmark.run(path: path, rows: rows, batch: 5000)
     }
 }
 

@@ -26,7 +26,7 @@ struct Follow: AsyncParsableCommand {
     var collections: String?
 
     @Option(help: "Records per snapshot page during bootstrap.")
-    var pageSize = 5000
+    var pageSize = 10_000
 
     @Flag(help: .hidden)
     var auditApplied = false

@@ -64,3 +64,23 @@ import Testing
         }
     }
 }
+
+@Suite struct PlainASCIISkipTests {
+    /// The word-at-a-time scan must stop exactly where the byte-at-a-time definition does.
+    @Test func stopsAtTheFirstByteThatNeedsAttention() {
+        var generator = SystemRandomNumberGenerator()
+        let special: [UInt8] = [0x22, 0x5C, 0x00, 0x1F, 0x0A, 0x80, 0xC3, 0xFF]
+        for _ in 0..<2000 {
+            let length = Int.random(in: 0..<40, using: &generator)
+            var bytes = (0..<length).map { _ in UInt8.random(in: 0x20...0x7E, using: &generator) }
+                .map { $0 == 0x22 || $0 == 0x5C ? UInt8(ascii: "a") : $0 }
+            if length > 0, Bool.random(using: &generator) {
+                bytes[Int.random(in: 0..<length, using: &generator)] = special.randomElement(using: &generator)!
+            }
+            let start = length > 0 ? Int.random(in: 0..<length, using: &generator) : 0
+            let expected =
+                bytes[start...].firstIndex { $0 == 0x22 || $0 == 0x5C || $0 < 0x20 || $0 >= 0x80 } ?? bytes.count
+            #expect(JSONScanner.skipPlainASCII(bytes, from: start) == expected)
+        }
+    }
+}
