@@ -16,7 +16,7 @@ struct Bench: AsyncParsableCommand {
             rows initially in 5.05 s.
             """)
 
-    @Argument(help: "What to measure: stream, bootstrap or all.")
+    @Argument(help: "What to measure: stream, bootstrap, upkeep or all.")
     var what: String = "all"
 
     @Option(help: "Changes per streaming phase.")
@@ -42,8 +42,8 @@ struct Bench: AsyncParsableCommand {
 
     func run() async throws {
         let logger = global.bootstrapLogging(label: "concord.bench")
-        guard ["stream", "bootstrap", "all"].contains(what) else {
-            throw ValidationError("measure stream, bootstrap or all")
+        guard ["stream", "bootstrap", "upkeep", "all"].contains(what) else {
+            throw ValidationError("measure stream, bootstrap, upkeep or all")
         }
         let folder = FileManager.default.temporaryDirectory.appendingPathComponent("concord-bench-\(getpid())")
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
@@ -54,6 +54,9 @@ struct Bench: AsyncParsableCommand {
         }
         if what == "bootstrap" || what == "all" {
             try await bootstrapBenchmark(folder: folder, logger: logger, results: &results)
+        }
+        if what == "upkeep" || what == "all" {
+            upkeepBenchmark(results: &results)
         }
         if output.json {
             let data = try JSONSerialization.data(withJSONObject: results, options: [.prettyPrinted, .sortedKeys])
@@ -188,6 +191,50 @@ struct Bench: AsyncParsableCommand {
             String(
                 format: "  raw SQLite insert of the same rows: %6.2f s  (%.0f rows/s); bootstrap is %.0f%% of it",
                 rawSeconds, Double(count) / rawSeconds, 100 * rawSeconds / full.seconds))
+    }
+
+    // MARK: Digest and sketch upkeep
+
+    /// The per-change cost of proof upkeep: hashing the new record's element, updating the
+    /// collection digest and a 2^14-symbol rateless sketch (remove the old element, add the new).
+    func upkeepBenchmark(results: inout [String: Double]) {
+        let count = changes
+        let values = (0..<1000).map { SampleData.value(id: $0, size: 200) }
+        let keys = (0..<50_000).map { SampleData.key($0) }
+        say("upkeep: element hash + digest + rateless sketch per change, \(count) changes of 200-byte values")
+        for capacity in [1 << 12, 1 << 14] {
+            var digest = CollectionDigest.empty
+            var sketch = RatelessSketch(capacity: capacity)
+            var previous = Element.zero
+            let start = ContinuousClock.now
+            for n in 0..<count {
+                let element = Element(
+                    collection: "bench", key: keys[n % keys.count], version: LSN(n + 1), value: values[n % values.count]
+                )
+                if n > 0 {
+                    digest.remove(previous)
+                    sketch.replace(previous, with: element)
+                } else {
+                    sketch.add(element)
+                }
+                digest.add(element)
+                previous = element
+            }
+            let nanos = (ContinuousClock.now - start).seconds * 1e9 / Double(count)
+            results["upkeep_ns_per_change_\(capacity)"] = nanos
+            say(String(format: "  %5d-symbol sketch: %4.0f ns per change (goal: at most 1,000 ns)", capacity, nanos))
+        }
+        var hashing = CollectionDigest.empty
+        let start = ContinuousClock.now
+        for n in 0..<count {
+            hashing.add(
+                Element(
+                    collection: "bench", key: keys[n % keys.count], version: LSN(n + 1), value: values[n % values.count]
+                ))
+        }
+        let nanos = (ContinuousClock.now - start).seconds * 1e9 / Double(count)
+        results["upkeep_ns_per_change_digest_only"] = nanos
+        say(String(format: "  element hash + digest alone: %4.0f ns per change", nanos))
     }
 
     /// Writes `count` upserts of keys 1...count in batches of 1000.

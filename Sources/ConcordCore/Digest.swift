@@ -1,0 +1,214 @@
+import Crypto
+
+/// The 32-byte identity of one live record's exact content: `keyHash64 ‖ contentHash192`.
+///
+/// `keyHash64` is the first 8 bytes of SHA-256(collection ‖ key) and `contentHash192` the
+/// first 24 bytes of SHA-256(collection ‖ key ‖ version ‖ value), where strings are
+/// prefixed with their UTF-8 length as a 4-byte big-endian integer and the version is an
+/// 8-byte big-endian integer. Two copies of a record have the same element exactly when
+/// collection, key, version and value text are byte-for-byte equal. A deleted record has
+/// no element.
+public struct Element: Sendable, Hashable, Comparable, CustomStringConvertible {
+    /// The 32 bytes as four big-endian words: `words.0` is `keyHash64`.
+    public var words: (UInt64, UInt64, UInt64, UInt64)
+
+    public static let zero = Element(words: (0, 0, 0, 0))
+
+    public init(words: (UInt64, UInt64, UInt64, UInt64)) {
+        self.words = words
+    }
+
+    public init(collection: String, key: String, version: LSN, value: String) {
+        var collection = collection
+        var key = key
+        var value = value
+        let size = 20 + collection.utf8.count + key.utf8.count + value.utf8.count
+        // Hashed from one stack buffer: allocation, not SHA-256, dominated the cost.
+        let words = withUnsafeTemporaryAllocation(byteCount: size, alignment: 8) { buffer in
+            var offset = 0
+            func put(_ text: inout String) {
+                text.withUTF8 { bytes in
+                    let count = UInt32(bytes.count)
+                    buffer.storeBytes(of: count.bigEndian, toByteOffset: offset, as: UInt32.self)
+                    offset += 4
+                    if let base = bytes.baseAddress {
+                        (buffer.baseAddress! + offset).copyMemory(from: base, byteCount: bytes.count)
+                    }
+                    offset += bytes.count
+                }
+            }
+            put(&collection)
+            put(&key)
+            var keyHasher = SHA256()
+            keyHasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<offset]))
+            let keyDigest = keyHasher.finalize()
+            buffer.storeBytes(of: version.bigEndian, toByteOffset: offset, as: UInt64.self)
+            offset += 8
+            put(&value)
+            var contentHasher = SHA256()
+            contentHasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<offset]))
+            let contentDigest = contentHasher.finalize()
+            var words: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+            keyDigest.withUnsafeBytes { bytes in words.0 = Self.readBigEndian(bytes, at: 0) }
+            contentDigest.withUnsafeBytes { bytes in
+                words.1 = Self.readBigEndian(bytes, at: 0)
+                words.2 = Self.readBigEndian(bytes, at: 8)
+                words.3 = Self.readBigEndian(bytes, at: 16)
+            }
+            return words
+        }
+        self.words = words
+    }
+
+    /// The element of the record a change writes; `nil` for a delete.
+    public init?(_ change: Change) {
+        guard let value = change.value else { return nil }
+        self.init(collection: change.collection, key: change.key, version: change.lsn, value: value)
+    }
+
+    public var keyHash: UInt64 { words.0 }
+    public var isZero: Bool { self == .zero }
+
+    public static func == (lhs: Element, rhs: Element) -> Bool {
+        lhs.words.0 == rhs.words.0 && lhs.words.1 == rhs.words.1 && lhs.words.2 == rhs.words.2
+            && lhs.words.3 == rhs.words.3
+    }
+
+    public static func < (lhs: Element, rhs: Element) -> Bool {
+        (lhs.words.0, lhs.words.1, lhs.words.2, lhs.words.3) < (rhs.words.0, rhs.words.1, rhs.words.2, rhs.words.3)
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(words.0)
+        hasher.combine(words.1)
+        hasher.combine(words.2)
+        hasher.combine(words.3)
+    }
+
+    /// 64 lowercase hex digits.
+    public var description: String { Self.hex(words) }
+
+    /// Parses 64 hex digits.
+    public init?(hex: String) {
+        guard let words = Self.parseHex(hex) else { return nil }
+        self.words = words
+    }
+
+    @inline(__always)
+    static func xor(_ a: Element, _ b: Element) -> Element {
+        Element(words: (a.words.0 ^ b.words.0, a.words.1 ^ b.words.1, a.words.2 ^ b.words.2, a.words.3 ^ b.words.3))
+    }
+
+    // MARK: Encoding
+
+    static func readBigEndian(_ bytes: UnsafeRawBufferPointer, at offset: Int) -> UInt64 {
+        var value: UInt64 = 0
+        for index in 0..<8 { value = value << 8 | UInt64(bytes[offset + index]) }
+        return value
+    }
+
+    static func hex(_ words: (UInt64, UInt64, UInt64, UInt64)) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(64)
+        for word in [words.0, words.1, words.2, words.3] {
+            for shift in stride(from: 60, through: 0, by: -4) { out.append(digits[Int((word >> UInt64(shift)) & 0xF)]) }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    static func parseHex(_ text: String) -> (UInt64, UInt64, UInt64, UInt64)? {
+        let bytes = Array(text.utf8)
+        guard bytes.count == 64 else { return nil }
+        var words: [UInt64] = [0, 0, 0, 0]
+        for (index, byte) in bytes.enumerated() {
+            let digit: UInt64
+            switch byte {
+            case 0x30...0x39: digit = UInt64(byte - 0x30)
+            case 0x61...0x66: digit = UInt64(byte - 0x61 + 10)
+            default: return nil
+            }
+            words[index / 16] = words[index / 16] << 4 | digit
+        }
+        return (words[0], words[1], words[2], words[3])
+    }
+}
+
+/// A collection's whole state in 40 bytes: `(count, Σ element mod 2^256)`.
+///
+/// Updating it for a change costs O(1): subtract the element the change replaces, add the
+/// new one. Two copies with equal digests hold the same records, barring a collision of
+/// the additive hash, which guards against accidents, not attackers.
+public struct CollectionDigest: Sendable, Hashable, CustomStringConvertible {
+    public var count: Int64
+    /// The sum as four big-endian words (`sum.0` most significant).
+    public var sum: (UInt64, UInt64, UInt64, UInt64)
+
+    public static let empty = CollectionDigest(count: 0, sum: (0, 0, 0, 0))
+
+    public init(count: Int64, sum: (UInt64, UInt64, UInt64, UInt64)) {
+        self.count = count
+        self.sum = sum
+    }
+
+    public mutating func add(_ element: Element) {
+        count += 1
+        var carry: UInt64 = 0
+        (sum.3, carry) = Self.add(sum.3, element.words.3, carry)
+        (sum.2, carry) = Self.add(sum.2, element.words.2, carry)
+        (sum.1, carry) = Self.add(sum.1, element.words.1, carry)
+        (sum.0, _) = Self.add(sum.0, element.words.0, carry)
+    }
+
+    public mutating func remove(_ element: Element) {
+        count -= 1
+        var borrow: UInt64 = 0
+        (sum.3, borrow) = Self.subtract(sum.3, element.words.3, borrow)
+        (sum.2, borrow) = Self.subtract(sum.2, element.words.2, borrow)
+        (sum.1, borrow) = Self.subtract(sum.1, element.words.1, borrow)
+        (sum.0, _) = Self.subtract(sum.0, element.words.0, borrow)
+    }
+
+    /// Applies a change given the element of the record it replaces (`nil`: there was none).
+    public mutating func apply(_ change: Change, replacing before: Element?) {
+        if let before { remove(before) }
+        if let after = Element(change) { add(after) }
+    }
+
+    @inline(__always)
+    static func add(_ a: UInt64, _ b: UInt64, _ carry: UInt64) -> (UInt64, UInt64) {
+        let (partial, overflow1) = a.addingReportingOverflow(b)
+        let (result, overflow2) = partial.addingReportingOverflow(carry)
+        return (result, (overflow1 ? 1 : 0) + (overflow2 ? 1 : 0))
+    }
+
+    @inline(__always)
+    static func subtract(_ a: UInt64, _ b: UInt64, _ borrow: UInt64) -> (UInt64, UInt64) {
+        let (partial, overflow1) = a.subtractingReportingOverflow(b)
+        let (result, overflow2) = partial.subtractingReportingOverflow(borrow)
+        return (result, (overflow1 ? 1 : 0) + (overflow2 ? 1 : 0))
+    }
+
+    public static func == (lhs: CollectionDigest, rhs: CollectionDigest) -> Bool {
+        lhs.count == rhs.count && lhs.sum.0 == rhs.sum.0 && lhs.sum.1 == rhs.sum.1 && lhs.sum.2 == rhs.sum.2
+            && lhs.sum.3 == rhs.sum.3
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(count)
+        hasher.combine(sum.0)
+        hasher.combine(sum.1)
+        hasher.combine(sum.2)
+        hasher.combine(sum.3)
+    }
+
+    /// The sum as 64 hex digits.
+    public var sumHex: String { Element.hex(sum) }
+
+    public var description: String { "\(count):\(sumHex)" }
+
+    public init?(count: Int64, sumHex: String) {
+        guard let sum = Element.parseHex(sumHex) else { return nil }
+        self.init(count: count, sum: sum)
+    }
+}

@@ -1,0 +1,226 @@
+/// Rateless Invertible Bloom Lookup Tables (Yang, Gilad, Alizadeh, SIGCOMM 2024):
+/// a sketch of a set of ``Element``s whose first m coded symbols let a peer holding a
+/// similar set recover the difference, for any m. About 1.35 symbols per differing
+/// element suffice once the difference is more than a few dozen.
+
+/// One coded symbol: the XOR of the elements mapped to it, the XOR of their checksums and
+/// their number (a difference of counts once a peer's symbol is subtracted).
+public struct CodedSymbol: Sendable, Hashable {
+    public var sum: Element
+    public var checksum: UInt64
+    public var count: Int64
+
+    public static let empty = CodedSymbol(sum: .zero, checksum: 0, count: 0)
+
+    public init(sum: Element, checksum: UInt64, count: Int64) {
+        self.sum = sum
+        self.checksum = checksum
+        self.count = count
+    }
+
+    public var isEmpty: Bool { count == 0 && checksum == 0 && sum.isZero }
+
+    /// Adds (`direction` +1) or removes (-1) `element`, whose checksum is `checksum`.
+    @inline(__always)
+    public mutating func apply(_ element: Element, checksum: UInt64, direction: Int64) {
+        sum = Element.xor(sum, element)
+        self.checksum ^= checksum
+        count += direction
+    }
+
+    /// This symbol minus `other` (XOR the sums and checksums, subtract the counts).
+    public func subtracting(_ other: CodedSymbol) -> CodedSymbol {
+        CodedSymbol(sum: Element.xor(sum, other.sum), checksum: checksum ^ other.checksum, count: count - other.count)
+    }
+}
+
+public enum RatelessMapping {
+    /// A 64-bit hash of an element, independent of its bits as they are XORed into sums.
+    @inline(__always)
+    public static func checksum(_ element: Element) -> UInt64 {
+        var hash: UInt64 = 0x243F_6A88_85A3_08D3
+        hash = mix(hash ^ element.words.0)
+        hash = mix(hash ^ element.words.1)
+        hash = mix(hash ^ element.words.2)
+        hash = mix(hash ^ element.words.3)
+        return hash
+    }
+
+    @inline(__always)
+    static func mix(_ value: UInt64) -> UInt64 {
+        var z = value &+ 0x9E37_79B9_7F4A_7C15
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    /// The symbol indices an element maps to, in increasing order: 0 first, then gaps drawn
+    /// so that symbol i holds an element with probability about 1 / (1 + i/2).
+    public struct Indices: Sendable {
+        var state: UInt64
+        public private(set) var current: UInt64 = 0
+
+        public init(checksum: UInt64) {
+            state = checksum
+        }
+
+        /// Moves to the next index and returns it.
+        @inline(__always)
+        public mutating func advance() -> UInt64 {
+            state = state &* 0xDA94_2042_E4DD_58B5
+            let gap = (Double(current) + 1.5) * (4_294_967_296.0 / (Double(state) + 1).squareRoot() - 1)
+            current &+= UInt64(gap.rounded(.up))
+            return current
+        }
+    }
+}
+
+/// The first `capacity` coded symbols of a set, kept up to date as elements come and go.
+///
+/// Adding or removing an element touches about 2·ln(capacity/2) symbols.
+public struct RatelessSketch: Sendable {
+    public let capacity: Int
+    public private(set) var symbols: [CodedSymbol]
+
+    public init(capacity: Int) {
+        self.capacity = capacity
+        symbols = Array(repeating: .empty, count: capacity)
+    }
+
+    public mutating func add(_ element: Element) { apply(element, direction: 1) }
+    public mutating func remove(_ element: Element) { apply(element, direction: -1) }
+
+    /// Removes `old` and adds `new` in one pass: the two index chains are independent, so
+    /// the processor overlaps their arithmetic. This is what a change costs.
+    public mutating func replace(_ old: Element, with new: Element) {
+        let oldChecksum = RatelessMapping.checksum(old)
+        let newChecksum = RatelessMapping.checksum(new)
+        var oldIndices = RatelessMapping.Indices(checksum: oldChecksum)
+        var newIndices = RatelessMapping.Indices(checksum: newChecksum)
+        var oldIndex: UInt64 = 0
+        var newIndex: UInt64 = 0
+        symbols.withUnsafeMutableBufferPointer { symbols in
+            let end = UInt64(symbols.count)
+            while oldIndex < end || newIndex < end {
+                if oldIndex < end {
+                    symbols[Int(oldIndex)].apply(old, checksum: oldChecksum, direction: -1)
+                    oldIndex = oldIndices.advance()
+                }
+                if newIndex < end {
+                    symbols[Int(newIndex)].apply(new, checksum: newChecksum, direction: 1)
+                    newIndex = newIndices.advance()
+                }
+            }
+        }
+    }
+
+    @inline(__always)
+    mutating func apply(_ element: Element, direction: Int64) {
+        let checksum = RatelessMapping.checksum(element)
+        var indices = RatelessMapping.Indices(checksum: checksum)
+        var index: UInt64 = 0
+        symbols.withUnsafeMutableBufferPointer { symbols in
+            while index < UInt64(symbols.count) {
+                symbols[Int(index)].apply(element, checksum: checksum, direction: direction)
+                index = indices.advance()
+            }
+        }
+    }
+
+    /// Symbols `range` of a set, computed from its elements (for symbols past the kept capacity).
+    public static func symbols<Elements: Sequence<Element>>(of elements: Elements, range: Range<Int>) -> [CodedSymbol] {
+        var symbols = Array(repeating: CodedSymbol.empty, count: range.count)
+        for element in elements {
+            let checksum = RatelessMapping.checksum(element)
+            var indices = RatelessMapping.Indices(checksum: checksum)
+            var index: UInt64 = 0
+            while index < UInt64(range.upperBound) {
+                if index >= UInt64(range.lowerBound) {
+                    symbols[Int(index) - range.lowerBound].apply(element, checksum: checksum, direction: 1)
+                }
+                index = indices.advance()
+            }
+        }
+        return symbols
+    }
+}
+
+/// Recovers the difference between a remote set and the local one from the remote set's
+/// coded symbols, received in order, minus the local set's symbols at the same indices.
+public struct RatelessDecoder: Sendable {
+    /// Elements only the remote set holds, and elements only the local set holds.
+    public private(set) var remoteOnly: [Element] = []
+    public private(set) var localOnly: [Element] = []
+
+    private var differences: [CodedSymbol] = []
+    private var pure: [Int] = []
+    private var decodedRemainders = 0
+
+    private struct Decoded {
+        var element: Element
+        var checksum: UInt64
+        var direction: Int64
+        var indices: RatelessMapping.Indices
+        /// The next symbol index this element maps to that has not been received yet.
+        var next: UInt64
+    }
+
+    private var decoded: [Decoded] = []
+
+    public init() {}
+
+    /// Number of symbols received so far.
+    public var symbolCount: Int { differences.count }
+
+    /// Whether every received symbol has been peeled to nothing: the difference is known.
+    public var isDecoded: Bool { !differences.isEmpty && decodedRemainders == differences.count }
+
+    /// Adds the next symbol: `remote` from the peer, `local` the local set's symbol at the same index.
+    public mutating func add(remote: CodedSymbol, local: CodedSymbol) {
+        var symbol = remote.subtracting(local)
+        let index = UInt64(differences.count)
+        // Elements already recovered also sit in the new symbol if they map to it.
+        for position in decoded.indices where decoded[position].next == index {
+            symbol.apply(
+                decoded[position].element, checksum: decoded[position].checksum, direction: -decoded[position].direction
+            )
+            decoded[position].next = decoded[position].indices.advance()
+        }
+        differences.append(symbol)
+        if symbol.isEmpty {
+            decodedRemainders += 1
+        } else if Self.isPure(symbol) {
+            pure.append(differences.count - 1)
+        }
+        peel()
+    }
+
+    @inline(__always)
+    static func isPure(_ symbol: CodedSymbol) -> Bool {
+        (symbol.count == 1 || symbol.count == -1) && RatelessMapping.checksum(symbol.sum) == symbol.checksum
+    }
+
+    private mutating func peel() {
+        while let position = pure.popLast() {
+            let symbol = differences[position]
+            guard Self.isPure(symbol) else { continue }
+            let element = symbol.sum
+            let checksum = symbol.checksum
+            let direction = symbol.count
+            if direction == 1 { remoteOnly.append(element) } else { localOnly.append(element) }
+            var indices = RatelessMapping.Indices(checksum: checksum)
+            var index: UInt64 = 0
+            while index < UInt64(differences.count) {
+                let wasEmpty = differences[Int(index)].isEmpty
+                differences[Int(index)].apply(element, checksum: checksum, direction: -direction)
+                let nowEmpty = differences[Int(index)].isEmpty
+                if nowEmpty, !wasEmpty { decodedRemainders += 1 }
+                if !nowEmpty, wasEmpty { decodedRemainders -= 1 }
+                if !nowEmpty, Self.isPure(differences[Int(index)]) { pure.append(Int(index)) }
+                index = indices.advance()
+            }
+            decoded.append(
+                Decoded(element: element, checksum: checksum, direction: direction, indices: indices, next: index))
+        }
+    }
+}
