@@ -114,9 +114,15 @@ public final class Subscriber: Service, Sendable {
     // MARK: Bootstrap
 
     func bootstrap(_ state: ReplicaState) async throws {
+        let sizes = Dictionary(
+            (try await client.feed().collections).map { ($0.name, $0.count) }, uniquingKeysWith: { first, _ in first })
         for (collection, cursor) in state.progress.remaining.sorted(by: { $0.key < $1.key }) {
-            logger.info("copying collection", metadata: ["collection": "\(collection)"])
+            let total = sizes[collection] ?? 0
+            logger.info("copying collection", metadata: ["collection": "\(collection)", "records": "\(total)"])
             var page = try await client.page(collection: collection, afterKey: cursor, limit: configuration.pageSize)
+            var copied = 0
+            let started = ContinuousClock.now
+            var lastReport = started
             while true {
                 let current = page
                 var next: SnapshotPage?
@@ -138,6 +144,21 @@ public final class Subscriber: Service, Sendable {
                 // a page read at the replica's position says there is nothing to pull.
                 if let position = try store.state()?.position, current.lsn > position {
                     _ = try await pull(maxRounds: 1)
+                }
+                copied += current.records.count
+                let now = ContinuousClock.now
+                if now - lastReport >= .seconds(2) {
+                    lastReport = now
+                    let elapsed = now - started
+                    let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+                    let rate = seconds > 0 ? Int(Double(copied) / seconds) : 0
+                    let remaining = rate > 0 && total > copied ? (total - copied) / rate : 0
+                    logger.info(
+                        "bootstrap progress",
+                        metadata: [
+                            "collection": "\(collection)", "copied": "\(copied)", "of": "\(total)",
+                            "records_per_s": "\(rate)", "eta_s": "\(remaining)",
+                        ])
                 }
                 guard let following = next else { break }
                 page = following
