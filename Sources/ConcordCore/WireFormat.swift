@@ -21,16 +21,8 @@ public enum WireFormat {
         case .change(let change):
             writer.raw("{\"lsn\":")
             writer.number(change.lsn)
-            writer.raw(",\"collection\":")
-            writer.string(change.collection)
-            writer.raw(",\"key\":")
-            writer.string(change.key)
-            if let value = change.value {
-                writer.raw(",\"op\":\"upsert\",\"value\":")
-                writer.raw(value)
-            } else {
-                writer.raw(",\"op\":\"delete\"")
-            }
+            writer.raw(",")
+            appendOperation(collection: change.collection, key: change.key, value: change.value, to: &writer)
         case .skip(let from, let through, _):
             writer.raw("{\"lsn\":")
             writer.number(through)
@@ -39,6 +31,21 @@ public enum WireFormat {
             writer.raw(",\"op\":\"skip\"")
         }
         writer.raw(item.isCommit ? ",\"commit\":true}\n" : ",\"commit\":false}\n")
+    }
+
+    /// `"collection":…,"key":…,"op":"upsert","value":…` (or `"op":"delete"`): the members a
+    /// change line and a write request share.
+    static func appendOperation(collection: String, key: String, value: String?, to writer: inout JSONWriter) {
+        writer.raw("\"collection\":")
+        writer.string(collection)
+        writer.raw(",\"key\":")
+        writer.string(key)
+        if let value {
+            writer.raw(",\"op\":\"upsert\",\"value\":")
+            writer.raw(value)
+        } else {
+            writer.raw(",\"op\":\"delete\"")
+        }
     }
 
     /// `{"op":"heartbeat","head":N}`: keeps an idle stream open and tells the reader the head.
@@ -302,17 +309,8 @@ public enum WireFormat {
         var writer = JSONWriter(capacity: operations.count * 128)
         writer.raw("{\"changes\":[")
         for (index, operation) in operations.enumerated() {
-            if index > 0 { writer.raw(",") }
-            writer.raw("{\"collection\":")
-            writer.string(operation.collection)
-            writer.raw(",\"key\":")
-            writer.string(operation.key)
-            if let value = operation.value {
-                writer.raw(",\"op\":\"upsert\",\"value\":")
-                writer.raw(value)
-            } else {
-                writer.raw(",\"op\":\"delete\"")
-            }
+            writer.raw(index > 0 ? ",{" : "{")
+            appendOperation(collection: operation.collection, key: operation.key, value: operation.value, to: &writer)
             writer.raw("}")
         }
         writer.raw("]}")
