@@ -19,14 +19,21 @@ public struct Change: Sendable, Hashable {
     /// The record's value as compact JSON text; `nil` for a delete.
     public var value: String?
     public var isCommit: Bool
+    /// The element of the record this change replaces (`nil`: there was none), so a reader
+    /// can update a digest in O(1) or rewind one.
+    public var before: Element?
 
-    public init(lsn: LSN, collection: String, key: String, operation: ChangeOperation, value: String?, isCommit: Bool) {
+    public init(
+        lsn: LSN, collection: String, key: String, operation: ChangeOperation, value: String?, isCommit: Bool,
+        before: Element? = nil
+    ) {
         self.lsn = lsn
         self.collection = collection
         self.key = key
         self.operation = operation
         self.value = value
         self.isCommit = isCommit
+        self.before = before
     }
 }
 
@@ -98,9 +105,12 @@ public struct FeedInfo: Sendable, Hashable {
     public struct Collection: Sendable, Hashable {
         public var name: String
         public var count: Int
-        public init(name: String, count: Int) {
+        /// The collection's digest at the head (`nil` from a publisher that does not send one).
+        public var digest: CollectionDigest?
+        public init(name: String, count: Int, digest: CollectionDigest? = nil) {
             self.name = name
             self.count = count
+            self.digest = digest
         }
     }
 

@@ -16,13 +16,21 @@ public enum WireFormat {
 
     /// `{"lsn":7,"collection":"users","key":"42","op":"upsert","value":{...},"commit":true}`,
     /// `{"lsn":9,"from":8,"op":"skip","commit":true}`, each followed by a newline.
-    public static func append(_ item: StreamItem, to writer: inout JSONWriter) {
+    ///
+    /// `includeBefore` adds `"before":"<64 hex>"`, the element the change replaces, for readers
+    /// that keep digests; it is opt-in because it adds about 75 bytes per change.
+    public static func append(_ item: StreamItem, to writer: inout JSONWriter, includeBefore: Bool = true) {
         switch item {
         case .change(let change):
             writer.raw("{\"lsn\":")
             writer.number(change.lsn)
             writer.raw(",")
             appendOperation(collection: change.collection, key: change.key, value: change.value, to: &writer)
+            if includeBefore, let before = change.before {
+                writer.raw(",\"before\":\"")
+                writer.raw(before.description)
+                writer.raw("\"")
+            }
         case .skip(let from, let through, _):
             writer.raw("{\"lsn\":")
             writer.number(through)
@@ -77,6 +85,7 @@ public enum WireFormat {
         var op: String?
         var value: String?
         var isCommit = false
+        var before: Element?
         try scanner.forEachMember(of: object) { (name, member) throws(ConcordError) in
             switch name {
             case "lsn": lsn = try scanner.decodeUInt64(member)
@@ -87,6 +96,11 @@ public enum WireFormat {
             case "op": op = try scanner.decodeString(member)
             case "value": value = String(decoding: scanner.bytes[member.range], as: UTF8.self)
             case "commit": isCommit = try scanner.decodeBool(member)
+            case "before":
+                guard let element = Element(hex: try scanner.decodeString(member)) else {
+                    throw ConcordError(.protocolViolation, "\"before\" must be 64 hex digits")
+                }
+                before = element
             default: break  // unknown members are for newer readers
             }
         }
@@ -111,7 +125,7 @@ public enum WireFormat {
                 .change(
                     Change(
                         lsn: lsn, collection: collection, key: key, operation: operation,
-                        value: operation == .upsert ? value : nil, isCommit: isCommit)))
+                        value: operation == .upsert ? value : nil, isCommit: isCommit, before: before)))
         default:
             throw ConcordError(.protocolViolation, "unknown stream item \(op ?? "without op")")
         }
@@ -199,6 +213,11 @@ public enum WireFormat {
             writer.string(collection.name)
             writer.raw(",\"count\":")
             writer.number(collection.count)
+            if let digest = collection.digest {
+                writer.raw(",\"digest\":\"")
+                writer.raw(digest.sumHex)
+                writer.raw("\"")
+            }
             writer.raw("}")
         }
         writer.raw("]}\n")
@@ -216,12 +235,20 @@ public enum WireFormat {
             case "collections":
                 try scanner.forEachElement(of: member) { (element) throws(ConcordError) in
                     var collection = FeedInfo.Collection(name: "", count: 0)
+                    var sum: String?
                     try scanner.forEachMember(of: element) { (field, value) throws(ConcordError) in
                         switch field {
                         case "name": collection.name = try scanner.decodeString(value)
                         case "count": collection.count = Int(try scanner.decodeUInt64(value))
+                        case "digest": sum = try scanner.decodeString(value)
                         default: break
                         }
+                    }
+                    if let sum {
+                        guard let digest = CollectionDigest(count: Int64(collection.count), sumHex: sum) else {
+                            throw ConcordError(.protocolViolation, "a digest must be 64 hex digits")
+                        }
+                        collection.digest = digest
                     }
                     feed.collections.append(collection)
                 }

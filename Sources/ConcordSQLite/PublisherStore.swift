@@ -76,6 +76,18 @@ public final class PublisherStore: Sendable {
                     sql: "INSERT INTO concord_feed (id, feed_id, head, created_at) VALUES (1, ?, 0, ?)",
                     arguments: [UUID().uuidString.lowercased(), ISO8601DateFormatter().string(from: Date())])
             }
+            migrator.registerMigration("v2-digests") { db in
+                // Each change names the element it replaced; each collection keeps its digest.
+                // Files from before get their digests by one scan, never a silently wrong zero.
+                try db.execute(sql: "ALTER TABLE concord_log ADD COLUMN before TEXT")
+                try db.execute(sql: "ALTER TABLE concord_collections ADD COLUMN digest TEXT")
+                for name in try String.fetchAll(db, sql: "SELECT name FROM concord_collections") {
+                    let digest = try Self.scanDigest(of: name, in: db)
+                    try db.execute(
+                        sql: "UPDATE concord_collections SET digest = ? WHERE name = ?",
+                        arguments: [digest.sumHex, name])
+                }
+            }
             try migrator.migrate(pool)
             let (feedID, head) = try pool.read { db -> (String, LSN) in
                 let row = try Row.fetchOne(db, sql: "SELECT feed_id, head FROM concord_feed WHERE id = 1")!
@@ -135,7 +147,8 @@ public final class PublisherStore: Sendable {
         let head = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
         let now = Int(Date().timeIntervalSince1970 * 1000)
         let find = RawStatement(
-            try db.cachedStatement(sql: "SELECT version FROM concord_records WHERE collection = ?1 AND key = ?2"),
+            try db.cachedStatement(
+                sql: "SELECT version, value FROM concord_records WHERE collection = ?1 AND key = ?2"),
             in: db)
         let upsert = RawStatement(
             try db.cachedStatement(
@@ -148,17 +161,31 @@ public final class PublisherStore: Sendable {
         let log = RawStatement(
             try db.cachedStatement(
                 sql: """
-                    INSERT INTO concord_log (lsn, collection, key, op, value, is_commit, committed_at)
-                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                    INSERT INTO concord_log (lsn, collection, key, op, value, is_commit, committed_at, before)
+                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                     """), in: db)
         var countDeltas: [String: Int] = [:]
+        var digests: [String: CollectionDigest] = [:]
         var lsn = head
         for (index, operation) in operations.enumerated() {
             lsn += 1
             find.bind(1, operation.collection)
             find.bind(2, operation.key)
             let existed = try find.step()
+            let before =
+                existed
+                ? Element(
+                    collection: operation.collection, key: operation.key, version: LSN(find.int64(0)),
+                    value: find.text(1)) : nil
             find.reset()
+            if digests[operation.collection] == nil {
+                digests[operation.collection] = try Self.storedDigest(of: operation.collection, in: db)
+            }
+            if let before { digests[operation.collection]!.remove(before) }
+            if let value = operation.value {
+                digests[operation.collection]!.add(
+                    Element(collection: operation.collection, key: operation.key, version: lsn, value: value))
+            }
             if let value = operation.value {
                 upsert.bind(1, operation.collection)
                 upsert.bind(2, operation.key)
@@ -180,17 +207,56 @@ public final class PublisherStore: Sendable {
             if let value = operation.value { log.bind(5, value) } else { log.bindNull(5) }
             log.bind(6, index == operations.count - 1 ? 1 : 0)
             log.bind(7, now)
+            if let before { log.bind(8, before.description) } else { log.bindNull(8) }
             try log.run()
         }
         for (collection, delta) in countDeltas {
             try db.execute(
                 sql: """
-                    INSERT INTO concord_collections (name, count) VALUES (?, ?)
-                    ON CONFLICT (name) DO UPDATE SET count = count + excluded.count
-                    """, arguments: [collection, delta])
+                    INSERT INTO concord_collections (name, count, digest) VALUES (?, ?, ?)
+                    ON CONFLICT (name) DO UPDATE SET count = count + excluded.count, digest = excluded.digest
+                    """, arguments: [collection, delta, digests[collection]!.sumHex])
         }
         try db.execute(sql: "UPDATE concord_feed SET head = ? WHERE id = 1", arguments: [Int64(lsn)])
         return lsn
+    }
+
+    /// A collection's digest as stored (the empty digest for a collection not written yet).
+    static func storedDigest(of collection: String, in db: Database) throws -> CollectionDigest {
+        guard
+            let row = try Row.fetchOne(
+                db, sql: "SELECT count, digest FROM concord_collections WHERE name = ?", arguments: [collection])
+        else { return .empty }
+        let count: Int64 = row["count"]
+        guard let digest = CollectionDigest(count: count, sumHex: row["digest"] ?? "") else {
+            throw ConcordError(.storage, "the stored digest of \(collection) is unreadable")
+        }
+        return digest
+    }
+
+    /// A collection's digest computed from its records, for checking the stored one.
+    static func scanDigest(of collection: String, in db: Database) throws -> CollectionDigest {
+        var digest = CollectionDigest.empty
+        let rows = try Row.fetchCursor(
+            db, sql: "SELECT key, version, value FROM concord_records WHERE collection = ?", arguments: [collection])
+        while let row = try rows.next() {
+            digest.add(
+                Element(
+                    collection: collection, key: row["key"], version: LSN(row["version"] as Int64), value: row["value"])
+            )
+        }
+        return digest
+    }
+
+    /// Each collection's stored digest and the digest recomputed from its records.
+    public func digestCheck() async throws -> [(
+        collection: String, stored: CollectionDigest, scanned: CollectionDigest
+    )] {
+        try await pool.read { db in
+            try String.fetchAll(db, sql: "SELECT name FROM concord_collections ORDER BY name").map { name in
+                (name, try Self.storedDigest(of: name, in: db), try Self.scanDigest(of: name, in: db))
+            }
+        }
     }
 
     /// The feed's id, head, retained range and collections.
@@ -199,8 +265,13 @@ public final class PublisherStore: Sendable {
             return try await pool.read { [feedID] db in
                 let head = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
                 let oldest = try Int64.fetchOne(db, sql: "SELECT min(lsn) FROM concord_log").map(LSN.init) ?? head + 1
-                let collections = try Row.fetchAll(db, sql: "SELECT name, count FROM concord_collections ORDER BY name")
-                    .map { FeedInfo.Collection(name: $0["name"], count: $0["count"]) }
+                let collections = try Row.fetchAll(
+                    db, sql: "SELECT name, count, digest FROM concord_collections ORDER BY name"
+                ).map { row in
+                    FeedInfo.Collection(
+                        name: row["name"], count: row["count"],
+                        digest: CollectionDigest(count: row["count"], sumHex: row["digest"] ?? ""))
+                }
                 return FeedInfo(feedID: feedID, head: head, oldest: oldest, collections: collections)
             }
         } catch {
@@ -259,7 +330,7 @@ public final class PublisherStore: Sendable {
         let select = RawStatement(
             try db.cachedStatement(
                 sql: """
-                    SELECT lsn, collection, key, op, value, is_commit FROM concord_log
+                    SELECT lsn, collection, key, op, value, is_commit, before FROM concord_log
                     WHERE lsn > ?1 AND lsn <= ?2 ORDER BY lsn LIMIT ?3
                     """), in: db)
         func fetch(after: LSN, through: LSN, limit: Int, into changes: inout [Change]) throws {
@@ -273,7 +344,7 @@ public final class PublisherStore: Sendable {
                     Change(
                         lsn: LSN(select.int64(0)), collection: select.text(1), key: select.text(2),
                         operation: isDelete ? .delete : .upsert, value: isDelete ? nil : select.text(4),
-                        isCommit: select.int64(5) == 1))
+                        isCommit: select.int64(5) == 1, before: select.isNull(6) ? nil : Element(hex: select.text(6))))
             }
         }
         var changes: [Change] = []

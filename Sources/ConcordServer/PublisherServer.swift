@@ -148,6 +148,7 @@ struct API: Sendable {
         let maxWaitSeconds = Int(configuration.maxWait.components.seconds)
         let wait = try Self.integer(query["wait"], name: "wait", default: 0, range: 0...maxWaitSeconds)
         let collections = try Self.collections(query["collections"])
+        let includeBefore = try Self.flag(query["before"], name: "before")
         try await store.checkPosition(after)
         var items = try await store.items(after: after, limit: limit, collections: collections)
         if items.isEmpty, wait > 0 {
@@ -155,7 +156,7 @@ struct API: Sendable {
             items = try await store.items(after: after, limit: limit, collections: collections)
         }
         var writer = JSONWriter(capacity: items.count * 256)
-        for item in items { WireFormat.append(item, to: &writer) }
+        for item in items { WireFormat.append(item, to: &writer, includeBefore: includeBefore) }
         var headers = HTTPFields()
         headers[.contentType] = "application/x-ndjson"
         headers[Self.headField] = String(store.head)
@@ -168,6 +169,7 @@ struct API: Sendable {
         let query = request.uri.queryParameters
         let after = try Self.lsn(query["after"], name: "after")
         let collections = try Self.collections(query["collections"])
+        let includeBefore = try Self.flag(query["before"], name: "before")
         try await store.checkPosition(after)
         let store = self.store
         let configuration = self.configuration
@@ -196,7 +198,7 @@ struct API: Sendable {
                     for item in items {
                         sent += 1
                         if let every = configuration.dropEveryNthStreamItem, sent % every == 0 { continue }
-                        WireFormat.append(item, to: &lines)
+                        WireFormat.append(item, to: &lines, includeBefore: includeBefore)
                     }
                     try await writer.write(ByteBuffer(bytes: lines.bytes))
                     cursor = items.last!.lastLSN
@@ -249,6 +251,14 @@ struct API: Sendable {
                 .invalidRequest, "\"\(name)\" must be an integer from \(range.lowerBound) to \(range.upperBound)")
         }
         return number
+    }
+
+    static func flag(_ text: Substring?, name: String) throws(ConcordError) -> Bool {
+        switch text {
+        case nil, "false", "0": return false
+        case "true", "1", "": return true
+        default: throw ConcordError(.invalidRequest, "\"\(name)\" must be true or false")
+        }
     }
 
     static func collections(_ text: Substring?) throws(ConcordError) -> Set<String>? {

@@ -16,7 +16,10 @@ import Testing
                 Change(
                     lsn: 1, collection: "users", key: "k\"1", operation: .upsert, value: #"{"a":[1,2]}"#,
                     isCommit: false)),
-            .change(Change(lsn: 2, collection: "users", key: "é", operation: .delete, value: nil, isCommit: true)),
+            .change(
+                Change(
+                    lsn: 2, collection: "users", key: "é", operation: .delete, value: nil, isCommit: true,
+                    before: Element(collection: "users", key: "é", version: 1, value: "1"))),
             .skip(from: 3, through: 9, isCommit: true),
         ]
         for item in items {
@@ -103,7 +106,11 @@ import Testing
     }
 
     @Test func feedInfoRoundTrips() throws {
-        let feed = FeedInfo(feedID: "f", head: 9, oldest: 1, collections: [.init(name: "a", count: 3)])
+        var digest = CollectionDigest.empty
+        digest.add(Element(collection: "a", key: "k", version: 1, value: "1"))
+        let feed = FeedInfo(
+            feedID: "f", head: 9, oldest: 1,
+            collections: [.init(name: "a", count: 1, digest: digest), .init(name: "b", count: 0)])
         #expect(try WireFormat.decodeFeed(WireFormat.encode(feed)) == feed)
     }
 

@@ -58,6 +58,7 @@ struct BadInputTests {
         get("/v1/changes?after=500&wait=30", code: "lsn_beyond_head"),
         get("/v1/changes/stream?after=500", code: "lsn_beyond_head"),
         get("/v1/changes?after=0&collections=Nope!"),
+        get("/v1/changes?after=0&before=maybe"),
         get("/v1/collections/nothing_here/records", status: 404, code: "unknown_collection"),
         get("/v1/collections/Bad%20Name/records"),
         get("/v1/collections/items/records?limit=-5"),
@@ -91,5 +92,29 @@ struct BadInputTests {
         try await http.shutdown()
         #expect(source.head == 20)
         #expect(try await source.items(after: 0, limit: 1000) == before)
+    }
+
+    @Test func beforeElementsAreSentOnlyWhenAskedFor() async throws {
+        let folder = Harness.folder()
+        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
+        try await source.write([.upsert("items", "k", json: "1")])
+        try await source.write([.upsert("items", "k", json: "2")])
+        let http = SourceClient.makeHTTPClient()
+        try await PublisherServer.withRunningServer(store: source, configuration: .testing, logger: Harness.logger) {
+            url in
+            for (query, expected) in [("", false), ("&before=true", true)] {
+                let response = try await http.execute(
+                    HTTPClientRequest(url: url + "/v1/changes?after=1" + query), timeout: .seconds(5))
+                let body = Array(buffer: try await response.body.collect(upTo: 1 << 20))
+                let line = try WireFormat.parseStreamLine(Array(body.dropLast()))
+                guard case .item(.change(let change)) = line else {
+                    Issue.record("expected a change")
+                    continue
+                }
+                let replaced = Element(collection: "items", key: "k", version: 1, value: "1")
+                #expect(change.before == (expected ? replaced : nil), "query \(query)")
+            }
+        }
+        try await http.shutdown()
     }
 }

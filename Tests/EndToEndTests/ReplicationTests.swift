@@ -59,7 +59,10 @@ struct ReplicationTests {
                     try await Task.sleep(for: .milliseconds(1))
                 }
                 let head = source.head
-                try await Harness.waitUntil("the replica reaches the head") { try replica.state()?.position == head }
+                try await Harness.waitUntil("the replica reaches the head") {
+                    let state = try replica.state()
+                    return state?.position == head && state?.progress.phase == .following
+                }
                 group.cancelAll()
             }
             try await http.shutdown()
@@ -86,7 +89,10 @@ struct ReplicationTests {
                     try await source.write([.upsert("orders", "only\(n)", json: "\(n)")])
                 }
                 let head = source.head
-                try await Harness.waitUntil("the replica reaches the head") { try replica.state()?.position == head }
+                try await Harness.waitUntil("the replica reaches the head") {
+                    let state = try replica.state()
+                    return state?.position == head && state?.progress.phase == .following
+                }
                 group.cancelAll()
             }
             try await http.shutdown()
@@ -107,7 +113,10 @@ struct ReplicationTests {
             let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await subscriber.run() }
-                try await Harness.waitUntil("the replica follows") { try replica.state()?.position == 1 }
+                // A new replica's position is the head from the start; following means its pages are in.
+                try await Harness.waitUntil("the replica follows") {
+                    try replica.state()?.progress.phase == .following
+                }
                 group.cancelAll()
             }
         }
