@@ -49,15 +49,51 @@ public struct SourceClient: Sendable {
     public func changes(after: LSN, limit: Int, wait: Int = 0, collections: [String]? = nil) async throws
         -> (items: [StreamItem], head: LSN?)
     {
-        var path = "/v1/changes?after=\(after)&limit=\(limit)&wait=\(wait)"
+        let result = try await changesWithCheckpoints(after: after, limit: limit, wait: wait, collections: collections)
+        return (result.items, result.head)
+    }
+
+    /// Changes after `after` with the checkpoints among them and the elements they replace.
+    public func changesWithCheckpoints(after: LSN, limit: Int, wait: Int = 0, collections: [String]? = nil)
+        async throws -> (items: [StreamItem], checkpoints: [Checkpoint], head: LSN?)
+    {
+        var path = "/v1/changes?after=\(after)&limit=\(limit)&wait=\(wait)&before=1"
         if let collections { path += "&collections=" + collections.joined(separator: ",") }
         let (body, headers) = try await get(path, timeout: .seconds(Int64(wait)) + configuration.requestTimeout)
         var lines = LineRanges(body)
         var items: [StreamItem] = []
+        var checkpoints: [Checkpoint] = []
         while let line = lines.next() {
-            if case .item(let item) = try WireFormat.parseStreamLine(body, range: line) { items.append(item) }
+            switch try WireFormat.parseStreamLine(body, range: line) {
+            case .item(let item): items.append(item)
+            case .checkpoint(let checkpoint): checkpoints.append(checkpoint)
+            case .heartbeat: break
+            }
         }
-        return (items, headers.first(name: "concord-head").flatMap { LSN($0) })
+        return (items, checkpoints, headers.first(name: "concord-head").flatMap { LSN($0) })
+    }
+
+    /// Coded symbols `range` of `collection` as the source held it at `lsn`; the count of
+    /// response bytes is returned for accounting.
+    public func symbols(collection: String, at lsn: LSN, range: Range<Int>) async throws
+        -> (symbols: [CodedSymbol], bytes: Int)
+    {
+        let (body, _) = try await get(
+            "/v1/collections/\(collection)/symbols?at=\(lsn)&start=\(range.lowerBound)&count=\(range.count)")
+        return (try SymbolCodec.decode(body), body.count)
+    }
+
+    /// The source's current records with these key hashes, and the bytes sent and received.
+    public func records(collection: String, keyHashes: [UInt64]) async throws -> (page: SnapshotPage, bytes: Int) {
+        var request = HTTPClientRequest(url: baseURL + "/v1/collections/\(collection)/lookup")
+        request.method = .POST
+        request.headers.add(name: "content-type", value: "application/octet-stream")
+        var payload: [UInt8] = []
+        payload.reserveCapacity(keyHashes.count * 8)
+        for hash in keyHashes { SymbolCodec.appendWord(hash, to: &payload) }
+        request.body = .bytes(ByteBuffer(bytes: payload))
+        let (body, _) = try await send(request, timeout: configuration.requestTimeout)
+        return (try WireFormat.decodePage(body), body.count + payload.count)
     }
 
     public func page(collection: String, afterKey: String?, limit: Int) async throws -> SnapshotPage {
@@ -71,7 +107,7 @@ public struct SourceClient: Sendable {
 
     /// Opens the live change stream after `after`; the caller reads the body.
     public func stream(after: LSN, collections: [String]? = nil) async throws -> HTTPClientResponse {
-        var path = "/v1/changes/stream?after=\(after)"
+        var path = "/v1/changes/stream?after=\(after)&before=1"
         if let collections { path += "&collections=" + collections.joined(separator: ",") }
         let request = HTTPClientRequest(url: baseURL + path)
         let response: HTTPClientResponse

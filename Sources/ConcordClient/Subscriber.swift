@@ -24,6 +24,9 @@ public final class Subscriber: Service, Sendable {
         public var pullLimit = 10_000
         public var backoffInitial: Duration = .milliseconds(100)
         public var backoffMaximum: Duration = .seconds(5)
+        /// How often the stored rows are re-hashed and compared with the digests (`nil`: never).
+        public var scrubInterval: Duration? = .seconds(3600)
+        public var reconciler = Reconciler.Configuration()
 
         public init(source: String, collections: [String]? = nil) {
             self.source = source
@@ -33,7 +36,7 @@ public final class Subscriber: Service, Sendable {
 
     /// What the subscriber is doing, for status displays.
     public enum Activity: String, Sendable {
-        case starting, bootstrapping, following, retrying, stopped
+        case starting, bootstrapping, following, verifying, repairing, retrying, stopped
     }
 
     public let configuration: Configuration
@@ -41,12 +44,16 @@ public final class Subscriber: Service, Sendable {
     let client: SourceClient
     let logger: Logger
     let activityBox = ActivityBox()
+    let reconciler: Reconciler
+    let nextScrub: Mutex<ContinuousClock.Instant>
 
     public init(configuration: Configuration, store: ReplicaStore, http: HTTPClient, logger: Logger) {
         self.configuration = configuration
         self.store = store
         self.client = SourceClient(baseURL: configuration.source, http: http)
         self.logger = logger
+        reconciler = Reconciler(client: client, configuration: configuration.reconciler, logger: logger)
+        nextScrub = Mutex(.now + (configuration.scrubInterval ?? .seconds(0)))
     }
 
     public var activity: Activity { activityBox.value }
@@ -107,8 +114,108 @@ public final class Subscriber: Service, Sendable {
             activityBox.value = .bootstrapping
             try await bootstrap(state)
         }
+        if state.position + 1 < feed.oldest {
+            try await recoverPastRetention()
+            return
+        }
+        try await prepareDigests()
+        // A replica at the head can be verified against the feed's digests right away.
+        let digests = Dictionary(
+            feed.collections.compactMap { collection in collection.digest.map { (collection.name, $0) } },
+            uniquingKeysWith: { first, _ in first })
+        if try store.state()?.position == feed.head, digests.count == feed.collections.count {
+            try await verify(Checkpoint(lsn: feed.head, digests: digests))
+        }
+        if let interval = configuration.scrubInterval, nextScrub.withLock({ $0 }) <= .now {
+            nextScrub.withLock { $0 = .now + interval }
+            try await scrub()
+        }
         activityBox.value = .following
-        try await follow()
+        do {
+            try await follow()
+        } catch let error as ConcordError where error.code == .gone {
+            try await recoverPastRetention()
+        }
+    }
+
+    // MARK: Verification
+
+    /// Builds digests and sketches from the stored rows when they are not known yet, once
+    /// changes apply in LSN order.
+    func prepareDigests() async throws {
+        guard let state = try store.state(), state.progress.phase == .following,
+            state.progress.applyMode(position: state.position) == .ordered, try !store.digestsReady()
+        else { return }
+        activityBox.value = .verifying
+        let started = ContinuousClock.now
+        try await store.rebuildDigests()
+        logger.info(
+            "digests built from the stored rows",
+            metadata: ["position": "\(state.position)", "seconds": "\(Reconciler.seconds(since: started))"])
+    }
+
+    /// Re-hashes the stored rows; repairs the collections changed behind Concord's back.
+    public func scrub() async throws {
+        guard let state = try store.state(), state.progress.phase == .following,
+            state.progress.applyMode(position: state.position) == .ordered
+        else { return }
+        activityBox.value = .verifying
+        let changed = try await store.scrub()
+        for scanned in changed {
+            logger.warning(
+                "rows changed behind Concord's back, reconciling", metadata: ["collection": "\(scanned.collection)"])
+            try await store.adopt(scanned)
+            try await reconcile(scanned.collection, at: state.position, local: scanned.sketch)
+        }
+    }
+
+    /// Compares a checkpoint the replica has applied through; reconciles what differs.
+    func verify(_ checkpoint: Checkpoint) async throws {
+        switch try await store.check(checkpoint) {
+        case .verified:
+            logger.debug("verified", metadata: ["lsn": "\(checkpoint.lsn)"])
+        case .notJudged:
+            break
+        case .mismatch(let collections):
+            logger.warning(
+                "digest differs from the source's checkpoint, reconciling",
+                metadata: ["lsn": "\(checkpoint.lsn)", "collections": "\(collections.joined(separator: ","))"])
+            for collection in collections {
+                try await reconcile(collection, at: checkpoint.lsn, local: try await store.sketch(of: collection))
+            }
+        }
+    }
+
+    @discardableResult
+    func reconcile(_ collection: String, at lsn: LSN, local: RatelessSketch) async throws -> ReconciliationReport {
+        activityBox.value = .repairing
+        defer { activityBox.value = .following }
+        let report = try await reconciler.reconcile(collection, at: lsn, local: local, store: store, repair: true)
+        logger.info(
+            "reconciled",
+            metadata: [
+                "collection": "\(collection)", "lsn": "\(lsn)", "missing": "\(report.missing.count)",
+                "extra": "\(report.extra.count)", "stale": "\(report.stale.count)", "symbols": "\(report.symbols)",
+                "bytes": "\(report.totalBytes + report.recordBytes)", "recopy": "\(report.tooLarge)",
+            ])
+        return report
+    }
+
+    /// The log no longer holds the changes after the replica's position: reconcile every
+    /// collection against the source's state at its head, then follow from there.
+    func recoverPastRetention() async throws {
+        let feed = try await client.feed()
+        guard let state = try store.state() else { return }
+        logger.warning(
+            "the source's log no longer reaches back to this replica, reconciling",
+            metadata: ["position": "\(state.position)", "oldest": "\(feed.oldest)", "head": "\(feed.head)"])
+        let followed = state.collections.map(Set.init)
+        var names = Set(feed.collections.map(\.name)).union(try store.collections())
+        if let followed { names.formIntersection(followed) }
+        for collection in names.sorted() {
+            try await reconcile(collection, at: feed.head, local: try await store.sketch(of: collection))
+        }
+        try await store.jump(to: feed.head)
     }
 
     // MARK: Bootstrap
@@ -209,7 +316,7 @@ public final class Subscriber: Service, Sendable {
         let response = try await client.stream(after: position, collections: configuration.collections)
         var sequencer = ChangeSequencer(after: position)
         var lines = LineSplitter()
-        var bootstrapping = try store.state()?.progress.phase == .bootstrapping
+        let bootstrapping = try store.state()?.progress.phase == .bootstrapping
         do {
             for try await chunk in response.body {
                 lines.append(chunk.readableBytesView)
@@ -217,6 +324,14 @@ public final class Subscriber: Service, Sendable {
                     switch try WireFormat.parseStreamLine(lines.buffer, range: line) {
                     case .heartbeat(let head):
                         try await store.noteSourceHead(head)
+                        if scrubDue { return }
+                    case .checkpoint(let checkpoint):
+                        if let (items, through) = sequencer.takeComplete() {
+                            try await store.apply(items, through: through)
+                            if bootstrapping, try await store.completeBootstrapIfReady() { return }
+                        }
+                        try await verify(checkpoint)
+                        if try store.state()?.position != sequencer.committed { return }
                     case .item(let item):
                         if case .gap(let expected, let received) = sequencer.receive(item) {
                             logger.warning(
@@ -232,8 +347,10 @@ public final class Subscriber: Service, Sendable {
                 }
                 if let (items, through) = sequencer.takeComplete() {
                     try await store.apply(items, through: through)
-                    if bootstrapping, try await store.completeBootstrapIfReady() { bootstrapping = false }
+                    // Back to the session: digests are built from the rows before checkpoints count.
+                    if bootstrapping, try await store.completeBootstrapIfReady() { return }
                 }
+                if scrubDue { return }
             }
         } catch let error as ConcordError {
             throw error
@@ -244,6 +361,12 @@ public final class Subscriber: Service, Sendable {
             throw ConcordError(.unavailable, "stream from \(configuration.source) broke: \(error)")
         }
         if !Task.isCancelled { throw ConcordError(.unavailable, "stream from \(configuration.source) ended") }
+    }
+}
+
+extension Subscriber {
+    var scrubDue: Bool {
+        configuration.scrubInterval != nil && nextScrub.withLock { $0 } <= .now
     }
 }
 

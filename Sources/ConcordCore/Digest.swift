@@ -67,6 +67,31 @@ public struct Element: Sendable, Hashable, Comparable, CustomStringConvertible {
     }
 
     public var keyHash: UInt64 { words.0 }
+
+    /// `keyHash64` alone: the first 8 bytes of SHA-256(collection ‖ key), length-prefixed as in the element.
+    public static func keyHash(collection: String, key: String) -> UInt64 {
+        var collection = collection
+        var key = key
+        let size = 8 + collection.utf8.count + key.utf8.count
+        return withUnsafeTemporaryAllocation(byteCount: size, alignment: 8) { buffer in
+            var offset = 0
+            func put(_ text: inout String) {
+                text.withUTF8 { bytes in
+                    buffer.storeBytes(of: UInt32(bytes.count).bigEndian, toByteOffset: offset, as: UInt32.self)
+                    offset += 4
+                    if let base = bytes.baseAddress {
+                        (buffer.baseAddress! + offset).copyMemory(from: base, byteCount: bytes.count)
+                    }
+                    offset += bytes.count
+                }
+            }
+            put(&collection)
+            put(&key)
+            var hasher = SHA256()
+            hasher.update(bufferPointer: UnsafeRawBufferPointer(buffer))
+            return hasher.finalize().withUnsafeBytes { readBigEndian($0, at: 0) }
+        }
+    }
     public var isZero: Bool { self == .zero }
 
     public static func == (lhs: Element, rhs: Element) -> Bool {
@@ -210,5 +235,12 @@ public struct CollectionDigest: Sendable, Hashable, CustomStringConvertible {
     public init?(count: Int64, sumHex: String) {
         guard let sum = Element.parseHex(sumHex) else { return nil }
         self.init(count: count, sum: sum)
+    }
+
+    /// Parses `description`: `<count>:<64 hex>`.
+    public init?(description: String) {
+        let parts = description.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, let count = Int64(parts[0]), count >= 0 else { return nil }
+        self.init(count: count, sumHex: String(parts[1]))
     }
 }

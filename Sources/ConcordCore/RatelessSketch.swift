@@ -224,3 +224,37 @@ public struct RatelessDecoder: Sendable {
         }
     }
 }
+
+/// The first coded symbols of each collection's sketch, kept up to date change by change
+/// like the digests, so a reconciliation can start without scanning the records.
+public struct SketchSet: Sendable {
+    public let capacity: Int
+    public private(set) var sketches: [String: RatelessSketch] = [:]
+
+    public init(capacity: Int) {
+        self.capacity = capacity
+    }
+
+    /// Replaces `before` (if any) by `after` (if any) in `collection`'s sketch.
+    public mutating func apply(_ collection: String, before: Element?, after: Element?) {
+        var sketch = sketches.removeValue(forKey: collection) ?? RatelessSketch(capacity: capacity)
+        switch (before, after) {
+        case (let before?, let after?): sketch.replace(before, with: after)
+        case (let before?, nil): sketch.remove(before)
+        case (nil, let after?): sketch.add(after)
+        case (nil, nil): break
+        }
+        sketches[collection] = sketch
+    }
+
+    public func sketch(of collection: String) -> RatelessSketch {
+        sketches[collection] ?? RatelessSketch(capacity: capacity)
+    }
+}
+
+extension SketchSet {
+    /// Replaces `collection`'s sketch, e.g. by one rebuilt from the stored rows.
+    public mutating func set(_ collection: String, _ sketch: RatelessSketch) {
+        sketches[collection] = sketch
+    }
+}

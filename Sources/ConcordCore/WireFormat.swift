@@ -63,10 +63,27 @@ public enum WireFormat {
         writer.raw("}\n")
     }
 
+    /// `{"op":"checkpoint","lsn":P,"digests":{"users":"<count>:<64 hex>"}}`: the source's
+    /// digests after the transaction that ends at P; it follows that transaction's last item.
+    public static func append(_ checkpoint: Checkpoint, to writer: inout JSONWriter) {
+        writer.raw("{\"op\":\"checkpoint\",\"lsn\":")
+        writer.number(checkpoint.lsn)
+        writer.raw(",\"digests\":{")
+        for (index, (name, digest)) in checkpoint.digests.sorted(by: { $0.key < $1.key }).enumerated() {
+            if index > 0 { writer.raw(",") }
+            writer.string(name)
+            writer.raw(":\"")
+            writer.raw(digest.description)
+            writer.raw("\"")
+        }
+        writer.raw("}}\n")
+    }
+
     /// A line of a change stream as a reader sees it.
     public enum StreamLine: Sendable, Hashable {
         case item(StreamItem)
         case heartbeat(head: LSN)
+        case checkpoint(Checkpoint)
     }
 
     public static func parseStreamLine(_ line: [UInt8]) throws(ConcordError) -> StreamLine {
@@ -86,8 +103,19 @@ public enum WireFormat {
         var value: String?
         var isCommit = false
         var before: Element?
+        var digests: [String: CollectionDigest]?
         try scanner.forEachMember(of: object) { (name, member) throws(ConcordError) in
             switch name {
+            case "digests":
+                var parsed: [String: CollectionDigest] = [:]
+                try scanner.forEachMember(of: member) { (collection, text) throws(ConcordError) in
+                    let description = try scanner.decodeString(text)
+                    guard let digest = CollectionDigest(description: description) else {
+                        throw ConcordError(.protocolViolation, "digest must be <count>:<64 hex>")
+                    }
+                    parsed[collection] = digest
+                }
+                digests = parsed
             case "lsn": lsn = try scanner.decodeUInt64(member)
             case "from": from = try scanner.decodeUInt64(member)
             case "head": head = try scanner.decodeUInt64(member)
@@ -105,6 +133,11 @@ public enum WireFormat {
             }
         }
         switch op {
+        case "checkpoint":
+            guard let lsn, let digests else {
+                throw ConcordError(.protocolViolation, "checkpoint without lsn or digests")
+            }
+            return .checkpoint(Checkpoint(lsn: lsn, digests: digests))
         case "heartbeat":
             guard let head else { throw ConcordError(.protocolViolation, "heartbeat without head") }
             return .heartbeat(head: head)

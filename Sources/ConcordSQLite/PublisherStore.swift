@@ -1,6 +1,7 @@
 import ConcordCore
 import Foundation
 import GRDB
+import Synchronization
 
 /// A feed's source of truth on SQLite: the current records, the change log and the head.
 ///
@@ -12,6 +13,12 @@ public final class PublisherStore: Sendable {
         /// `.full` (default): an acknowledged write survives power loss.
         public var durability: SQLiteDurability = .full
         public var limits = WireFormat.Limits()
+        /// When checkpoints (the digests at one LSN) go into the stream.
+        public var checkpoints = CheckpointPolicy()
+        /// How long the log is kept.
+        public var retention = RetentionPolicy()
+        /// Coded symbols kept per collection for reconciliation; more are computed by a scan.
+        public var sketchCapacity = 4096
         public init() {}
     }
 
@@ -35,6 +42,12 @@ public final class PublisherStore: Sendable {
     /// The head LSN; long-polls and streams wait on it.
     public let headWatch: HeadWatch
     let pool: DatabasePool
+    /// Each collection's first coded symbols at the head; `nil` until built by a scan.
+    let sketches: Mutex<SketchSet?>
+    /// Sketches rewound to recent LSNs, so the batches of one reconciliation cost one rewind.
+    let rewound = Mutex<[RewoundKey: RatelessSketch]>([:])
+    /// When the last checkpoint was recorded (monotonic), for the time-based policy.
+    let lastCheckpoint = Mutex<ContinuousClock.Instant>(.now)
 
     public init(path: String, configuration: Configuration = Configuration()) throws {
         self.path = path
@@ -88,6 +101,23 @@ public final class PublisherStore: Sendable {
                         arguments: [digest.sumHex, name])
                 }
             }
+            migrator.registerMigration("v3-reconcile") { db in
+                // key_hash finds the records a reconciliation names by their element's key hash.
+                try db.execute(
+                    sql: """
+                        ALTER TABLE concord_records ADD COLUMN key_hash INTEGER NOT NULL DEFAULT 0;
+                        CREATE TABLE concord_checkpoints (lsn INTEGER PRIMARY KEY, digests TEXT NOT NULL);
+                        """)
+                let rows = try Row.fetchAll(db, sql: "SELECT collection, key FROM concord_records")
+                for row in rows {
+                    let hash = Element.keyHash(collection: row["collection"], key: row["key"])
+                    try db.execute(
+                        sql: "UPDATE concord_records SET key_hash = ? WHERE collection = ? AND key = ?",
+                        arguments: [Int64(bitPattern: hash), row["collection"] as String, row["key"] as String])
+                }
+                try db.execute(
+                    sql: "CREATE INDEX concord_records_key_hash ON concord_records (collection, key_hash)")
+            }
             try migrator.migrate(pool)
             let (feedID, head) = try pool.read { db -> (String, LSN) in
                 let row = try Row.fetchOne(db, sql: "SELECT feed_id, head FROM concord_feed WHERE id = 1")!
@@ -95,6 +125,8 @@ public final class PublisherStore: Sendable {
             }
             self.feedID = feedID
             headWatch = HeadWatch(head: head)
+            let capacity = configuration.sketchCapacity
+            sketches = Mutex(try pool.read { db in try Self.scanSketches(capacity: capacity, in: db) })
         } catch {
             throw ConcordError.storage(error, "cannot prepare publisher database \(path)")
         }
@@ -135,15 +167,40 @@ public final class PublisherStore: Sendable {
         let batch = checked
         let last: LSN
         do {
-            last = try await pool.write { db in try Self.append(batch, in: db) }
+            last = try await pool.write { db in
+                let (last, touched) = try Self.append(batch, in: db)
+                let policy = self.configuration.checkpoints
+                let due = ContinuousClock.now - self.lastCheckpoint.withLock { $0 } >= policy.interval
+                if due || policy.crossesBoundary(from: last - LSN(batch.count), to: last) {
+                    try Self.recordCheckpoint(at: last, in: db)
+                    self.lastCheckpoint.withLock { $0 = .now }
+                }
+                // Inside the write, so a reader that copies the sketches under the write lock
+                // sees them at exactly the committed head.
+                self.sketches.withLock { sketches in
+                    for change in touched {
+                        sketches?.apply(change.collection, before: change.before, after: change.after)
+                    }
+                }
+                return last
+            }
         } catch {
+            // The sketches may hold changes of a transaction that did not commit: rebuild them.
+            sketches.withLock { $0 = nil }
             throw ConcordError.storage(error, "write failed")
         }
         headWatch.advance(to: last)
         return last
     }
 
-    private static func append(_ operations: [WriteOperation], in db: Database) throws -> LSN {
+    /// What one change did to the elements of its collection.
+    struct ElementChange {
+        var collection: String
+        var before: Element?
+        var after: Element?
+    }
+
+    private static func append(_ operations: [WriteOperation], in db: Database) throws -> (LSN, [ElementChange]) {
         let head = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
         let now = Int(Date().timeIntervalSince1970 * 1000)
         let find = RawStatement(
@@ -153,7 +210,8 @@ public final class PublisherStore: Sendable {
         let upsert = RawStatement(
             try db.cachedStatement(
                 sql: """
-                    INSERT INTO concord_records (collection, key, version, value) VALUES (?1, ?2, ?3, ?4)
+                    INSERT INTO concord_records (collection, key, version, value, key_hash)
+                    VALUES (?1, ?2, ?3, ?4, ?5)
                     ON CONFLICT (collection, key) DO UPDATE SET version = excluded.version, value = excluded.value
                     """), in: db)
         let delete = RawStatement(
@@ -166,6 +224,8 @@ public final class PublisherStore: Sendable {
                     """), in: db)
         var countDeltas: [String: Int] = [:]
         var digests: [String: CollectionDigest] = [:]
+        var touched: [ElementChange] = []
+        touched.reserveCapacity(operations.count)
         var lsn = head
         for (index, operation) in operations.enumerated() {
             lsn += 1
@@ -182,15 +242,17 @@ public final class PublisherStore: Sendable {
                 digests[operation.collection] = try Self.storedDigest(of: operation.collection, in: db)
             }
             if let before { digests[operation.collection]!.remove(before) }
-            if let value = operation.value {
-                digests[operation.collection]!.add(
-                    Element(collection: operation.collection, key: operation.key, version: lsn, value: value))
+            let after = operation.value.map {
+                Element(collection: operation.collection, key: operation.key, version: lsn, value: $0)
             }
-            if let value = operation.value {
+            if let after { digests[operation.collection]!.add(after) }
+            touched.append(ElementChange(collection: operation.collection, before: before, after: after))
+            if let value = operation.value, let after {
                 upsert.bind(1, operation.collection)
                 upsert.bind(2, operation.key)
                 upsert.bind(3, lsn)
                 upsert.bind(4, value)
+                upsert.bind(5, after.keyHash)
                 try upsert.run()
                 if !existed { countDeltas[operation.collection, default: 0] += 1 }
             } else if existed {
@@ -218,7 +280,7 @@ public final class PublisherStore: Sendable {
                     """, arguments: [collection, delta, digests[collection]!.sumHex])
         }
         try db.execute(sql: "UPDATE concord_feed SET head = ? WHERE id = 1", arguments: [Int64(lsn)])
-        return lsn
+        return (lsn, touched)
     }
 
     /// A collection's digest as stored (the empty digest for a collection not written yet).

@@ -1,6 +1,7 @@
 import ConcordCore
 import Foundation
 import GRDB
+import Synchronization
 
 /// What a replica knows about itself, stored in `concord_state`.
 public struct ReplicaState: Sendable, Hashable {
@@ -16,6 +17,14 @@ public struct ReplicaState: Sendable, Hashable {
     /// Source head last seen, for lag.
     public var sourceHead: LSN
     public var updatedAt: Date
+    /// The last LSN at which every followed collection's digest equalled the source's checkpoint.
+    public var verifiedLSN: LSN = 0
+    public var verifiedAt: Date?
+    /// Reconciliations that changed something, and the records they wrote or deleted.
+    public var repairs: Int = 0
+    public var repairedRecords: Int = 0
+    /// Checkpoints or scrubs that found a difference.
+    public var mismatches: Int = 0
 }
 
 /// A replica on SQLite: one plain table per collection (`key`, `version`, `value`) that
@@ -78,11 +87,29 @@ public final class ReplicaStore: Sendable {
                         CREATE TABLE concord_applied (lsn INTEGER NOT NULL);
                         """)
             }
+            migrator.registerMigration("v2-digests") { db in
+                // digest_valid = 0: the digest must be rebuilt by a scan before it is used.
+                try db.execute(
+                    sql: """
+                        ALTER TABLE concord_collections ADD COLUMN count INTEGER NOT NULL DEFAULT 0;
+                        ALTER TABLE concord_collections ADD COLUMN digest TEXT NOT NULL DEFAULT '';
+                        ALTER TABLE concord_collections ADD COLUMN digest_valid INTEGER NOT NULL DEFAULT 0;
+                        ALTER TABLE concord_state ADD COLUMN verified_lsn INTEGER NOT NULL DEFAULT 0;
+                        ALTER TABLE concord_state ADD COLUMN verified_at REAL;
+                        ALTER TABLE concord_state ADD COLUMN repairs INTEGER NOT NULL DEFAULT 0;
+                        ALTER TABLE concord_state ADD COLUMN repaired_records INTEGER NOT NULL DEFAULT 0;
+                        ALTER TABLE concord_state ADD COLUMN mismatches INTEGER NOT NULL DEFAULT 0;
+                        ALTER TABLE concord_bootstrap ADD COLUMN sweep INTEGER NOT NULL DEFAULT 0;
+                        """)
+            }
             try migrator.migrate(pool)
         } catch {
             throw ConcordError.storage(error, "cannot prepare replica database \(path)")
         }
     }
+
+    /// Each collection's first coded symbols as the replica holds them; `nil` until built by a scan.
+    let sketches = Mutex<SketchSet?>(nil)
 
     // MARK: State
 
@@ -108,7 +135,10 @@ public final class ReplicaStore: Sendable {
                 horizon: LSN(row["horizon"] as Int64), remaining: remaining),
             collections: collections, appliedChanges: row["applied_changes"],
             sourceHead: LSN(row["source_head"] as Int64),
-            updatedAt: Date(timeIntervalSince1970: row["updated_at"]))
+            updatedAt: Date(timeIntervalSince1970: row["updated_at"]),
+            verifiedLSN: LSN(row["verified_lsn"] as Int64),
+            verifiedAt: (row["verified_at"] as Double?).map(Date.init(timeIntervalSince1970:)),
+            repairs: row["repairs"], repairedRecords: row["repaired_records"], mismatches: row["mismatches"])
     }
 
     /// Starts a new replica of `feedID` at `head`: follows from there and pages through `collections`.
@@ -166,8 +196,8 @@ public final class ReplicaStore: Sendable {
                     version INTEGER NOT NULL,
                     value TEXT NOT NULL
                 );
-                INSERT OR IGNORE INTO concord_collections (name) VALUES (?);
-                """, arguments: [collection])
+                INSERT OR IGNORE INTO concord_collections (name, count, digest, digest_valid) VALUES (?, 0, ?, 1);
+                """, arguments: [collection, CollectionDigest.empty.sumHex])
     }
 
     // MARK: Applying changes
@@ -197,13 +227,18 @@ public final class ReplicaStore: Sendable {
                     }
                 }
                 var applier = try Applier(db: db, mode: mode, keepTombstones: keepTombstones, collections: touched)
+                var digests = try DigestTracker(db: db, collections: touched, exactFromDisk: mode == .merge)
                 var applied = 0
                 for item in items {
                     guard case .change(let change) = item else { continue }
                     if let filter, !filter.contains(change.collection) { continue }
+                    try digests.willApply(change)
                     try applier.apply(change)
+                    try digests.didApply(change)
                     applied += 1
                 }
+                try digests.save()
+                self.updateSketches(digests.elementChanges)
                 if configuration.auditAppliedChanges {
                     let audit = RawStatement(
                         try db.cachedStatement(sql: "INSERT INTO concord_applied (lsn) VALUES (?)"), in: db)
@@ -221,6 +256,7 @@ public final class ReplicaStore: Sendable {
                     arguments: [Int64(through), applied, Int64(through), Date().timeIntervalSince1970])
             }
         } catch {
+            sketches.withLock { $0 = nil }
             throw ConcordError.storage(error, "cannot apply changes")
         }
     }
@@ -234,6 +270,14 @@ public final class ReplicaStore: Sendable {
                 }
                 guard state.progress.remaining[page.collection] != nil else { return }  // already complete
                 var applier = try Applier(db: db, mode: .merge, keepTombstones: true, collections: [page.collection])
+                try DigestTracker.invalidate([page.collection], in: db)
+                self.sketches.withLock { $0 = nil }
+                if try Bool.fetchOne(
+                    db, sql: "SELECT sweep FROM concord_bootstrap WHERE collection = ?", arguments: [page.collection])
+                    ?? false
+                {
+                    try Self.sweep(page, after: state.progress.remaining[page.collection] ?? nil, in: db)
+                }
                 // Tombstones are rare (deletes that raced the bootstrap); without one in the
                 // page's key range, the version check alone decides.
                 let hasTombstones =

@@ -4,13 +4,15 @@ import GRDBSQLite
 
 /// A prepared statement bound and stepped directly, for loops that run per record.
 ///
-/// GRDB owns the statement (it comes from its statement cache); this only skips the
-/// per-call argument boxing that dominates when millions of rows go through.
+/// GRDB owns the statement (this keeps it alive); this only skips the per-call argument
+/// boxing that dominates when millions of rows go through.
 struct RawStatement {
+    let statement: Statement
     let handle: OpaquePointer
     let connection: OpaquePointer
 
     init(_ statement: Statement, in db: Database) {
+        self.statement = statement
         handle = statement.sqliteStatement
         connection = db.sqliteConnection!
     }

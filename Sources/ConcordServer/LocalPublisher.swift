@@ -20,7 +20,11 @@ extension PublisherServer {
         }
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: app), .init(service: StreamCloser(store: store))],
+                services: [
+                    .init(service: app),
+                    .init(service: PublisherMaintenance(store: store, logger: logger)),
+                    .init(service: StreamCloser(store: store)),
+                ],
                 gracefulShutdownSignals: [], logger: logger))
         return try await withThrowingTaskGroup(of: T?.self) { tasks in
             tasks.addTask {

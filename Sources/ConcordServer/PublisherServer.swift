@@ -51,6 +51,13 @@ public enum PublisherServer {
         router.get("/v1/collections/:collection/records") { request, context in
             try await api.page(request, collection: try context.parameters.require("collection"))
         }
+        router.get("/v1/collections/:collection/symbols") { request, context in
+            try await api.symbols(request, collection: try context.parameters.require("collection"))
+        }
+        router.post("/v1/collections/:collection/lookup") { request, context in
+            var request = request
+            return try await api.lookup(&request, collection: try context.parameters.require("collection"))
+        }
         router.post("/v1/write") { request, _ in
             var request = request
             return try await api.write(&request)
@@ -68,6 +75,39 @@ public enum PublisherServer {
 ///
 /// Place it after the application in the group: services stop in reverse order, so the
 /// streams end (at a transaction boundary) before the server waits for open requests.
+public struct PublisherMaintenance: Service {
+    let store: PublisherStore
+    let pruneInterval: Duration
+    let logger: Logger
+
+    public init(store: PublisherStore, pruneInterval: Duration = .seconds(30), logger: Logger) {
+        self.store = store
+        self.pruneInterval = pruneInterval
+        self.logger = logger
+    }
+
+    /// Records time-based checkpoints and prunes the log until shutdown.
+    public func run() async throws {
+        let tick = min(store.configuration.checkpoints.interval, pruneInterval)
+        await cancelWhenGracefulShutdown {
+            var lastPrune = ContinuousClock.now
+            while !Task.isCancelled {
+                try? await Task.sleep(for: tick)
+                do {
+                    try await store.checkpointIfDue()
+                    if ContinuousClock.now - lastPrune >= pruneInterval {
+                        lastPrune = .now
+                        let dropped = try await store.pruneLog()
+                        if dropped > 0 { logger.info("pruned the log", metadata: ["changes": "\(dropped)"]) }
+                    }
+                } catch {
+                    logger.warning("maintenance failed", metadata: ["error": "\(error)"])
+                }
+            }
+        }
+    }
+}
+
 public struct StreamCloser: Service {
     let headWatch: HeadWatch
 
@@ -155,8 +195,10 @@ struct API: Sendable {
             _ = await store.headWatch.wait(beyond: after, timeout: .seconds(wait))
             items = try await store.items(after: after, limit: limit, collections: collections)
         }
+        let checkpoints = try await store.checkpoints(after: after, through: items.last?.lastLSN ?? after)
         var writer = JSONWriter(capacity: items.count * 256)
-        for item in items { WireFormat.append(item, to: &writer, includeBefore: includeBefore) }
+        Self.append(
+            items, checkpoints: checkpoints, collections: collections, includeBefore: includeBefore, to: &writer)
         var headers = HTTPFields()
         headers[.contentType] = "application/x-ndjson"
         headers[Self.headField] = String(store.head)
@@ -194,17 +236,80 @@ struct API: Sendable {
                         }
                         continue
                     }
+                    let checkpoints = try await store.checkpoints(after: cursor, through: items.last!.lastLSN)
                     var lines = JSONWriter(capacity: items.count * 300)
-                    for item in items {
-                        sent += 1
-                        if let every = configuration.dropEveryNthStreamItem, sent % every == 0 { continue }
-                        WireFormat.append(item, to: &lines, includeBefore: includeBefore)
+                    var kept = items
+                    if let every = configuration.dropEveryNthStreamItem {
+                        kept = []
+                        for item in items {
+                            sent += 1
+                            if sent % every != 0 { kept.append(item) }
+                        }
                     }
+                    Self.append(
+                        kept, checkpoints: checkpoints, collections: collections, includeBefore: includeBefore,
+                        to: &lines)
                     try await writer.write(ByteBuffer(bytes: lines.bytes))
                     cursor = items.last!.lastLSN
                 }
                 try await writer.finish(nil)
             })
+    }
+
+    /// Writes `items`, each checkpoint right after the item that ends at its LSN.
+    static func append(
+        _ items: [StreamItem], checkpoints: [Checkpoint], collections: Set<String>?, includeBefore: Bool,
+        to writer: inout JSONWriter
+    ) {
+        var next = checkpoints.startIndex
+        for item in items {
+            WireFormat.append(item, to: &writer, includeBefore: includeBefore)
+            while next < checkpoints.endIndex, checkpoints[next].lsn <= item.lastLSN {
+                if checkpoints[next].lsn == item.lastLSN {
+                    WireFormat.append(checkpoints[next].restricted(to: collections), to: &writer)
+                }
+                next += 1
+            }
+        }
+    }
+
+    /// `GET /v1/collections/{c}/symbols?at=P&start=i&count=n`: coded symbols i..<i+n of the
+    /// collection as it was at P, binary (``SymbolCodec``).
+    func symbols(_ request: Request, collection: String) async throws -> Response {
+        try CollectionName.validate(collection)
+        let query = request.uri.queryParameters
+        let at = try Self.lsn(query["at"], name: "at")
+        let start = try Self.integer(query["start"], name: "start", default: 0, range: 0...(1 << 30))
+        let count = try Self.integer(query["count"], name: "count", default: 64, range: 1...(1 << 20))
+        let symbols = try await store.symbols(of: collection, at: at, range: start..<(start + count))
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(symbols.count * 42)
+        SymbolCodec.encode(symbols, into: &bytes)
+        var headers = HTTPFields()
+        headers[.contentType] = "application/octet-stream"
+        return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+
+    /// `POST /v1/collections/{c}/lookup` with a body of 8-byte big-endian key hashes: the
+    /// current records with those key hashes, as a snapshot page.
+    func lookup(_ request: inout Request, collection: String) async throws -> Response {
+        try CollectionName.validate(collection)
+        let body = Array(buffer: try await request.collectBody(upTo: configuration.maxBodyBytes))
+        guard body.count % 8 == 0 else {
+            throw ConcordError(.invalidRequest, "the body must be 8-byte key hashes")
+        }
+        var hashes: [UInt64] = []
+        hashes.reserveCapacity(body.count / 8)
+        for offset in stride(from: 0, to: body.count, by: 8) {
+            var hash: UInt64 = 0
+            for index in offset..<(offset + 8) { hash = hash << 8 | UInt64(body[index]) }
+            hashes.append(hash)
+        }
+        let page = try await store.records(of: collection, keyHashes: hashes)
+        var headers = HTTPFields()
+        headers[.contentType] = "application/x-ndjson"
+        return Response(
+            status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: WireFormat.encode(page))))
     }
 
     func page(_ request: Request, collection: String) async throws -> Response {

@@ -28,6 +28,11 @@ struct Follow: AsyncParsableCommand {
     @Option(help: "Records per snapshot page during bootstrap.")
     var pageSize = 10_000
 
+    @Option(
+        help:
+            "Re-hash the stored rows and repair rows changed behind Concord's back every this many seconds (0: never).")
+    var scrubIntervalSeconds = 3600
+
     @Flag(help: .hidden)
     var auditApplied = false
 
@@ -52,6 +57,7 @@ struct Follow: AsyncParsableCommand {
         }
         var configuration = Subscriber.Configuration(source: source, collections: filter)
         configuration.pageSize = pageSize
+        configuration.scrubInterval = scrubIntervalSeconds > 0 ? .seconds(scrubIntervalSeconds) : nil
         let http = SourceClient.makeHTTPClient()
         let subscriber = Subscriber(configuration: configuration, store: store, http: http, logger: logger)
         let group = ServiceGroup(

@@ -30,6 +30,24 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest request body in bytes.")
     var maxBodyBytes = 16 << 20
 
+    @Option(help: "Record a checkpoint (every collection's digest) every N changes.")
+    var checkpointEvery: UInt64 = 1000
+
+    @Option(help: "...and at least every this many milliseconds while the head moves.")
+    var checkpointIntervalMs = 1000
+
+    @Option(help: "Keep at most this many changes in the log (default: no limit).")
+    var retainChanges: UInt64?
+
+    @Option(help: "Drop changes older than this many seconds (default 7 days; 0: no age limit).")
+    var retainSeconds = 7 * 24 * 3600
+
+    @Option(help: "Keep at most about this many bytes of logged values (default: no limit).")
+    var retainBytes: Int64?
+
+    @Option(help: "How often to apply the retention limits, in seconds.")
+    var pruneIntervalSeconds = 30
+
     @Option(help: .hidden)
     var dropEveryNthStreamItem: Int?
 
@@ -45,6 +63,14 @@ struct Serve: AsyncParsableCommand {
         }
         var storeConfiguration = PublisherStore.Configuration()
         storeConfiguration.durability = durability
+        guard checkpointIntervalMs > 0, pruneIntervalSeconds > 0, retainSeconds >= 0 else {
+            throw ValidationError("intervals must be positive")
+        }
+        storeConfiguration.checkpoints.everyChanges = checkpointEvery
+        storeConfiguration.checkpoints.interval = .milliseconds(checkpointIntervalMs)
+        storeConfiguration.retention.maxChanges = retainChanges
+        storeConfiguration.retention.maxAge = retainSeconds > 0 ? .seconds(retainSeconds) : nil
+        storeConfiguration.retention.maxBytes = retainBytes
         let store: PublisherStore
         do {
             store = try PublisherStore(path: db, configuration: storeConfiguration)
@@ -69,7 +95,13 @@ struct Serve: AsyncParsableCommand {
         }
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: app), .init(service: StreamCloser(store: store))],
+                services: [
+                    .init(service: app),
+                    .init(
+                        service: PublisherMaintenance(
+                            store: store, pruneInterval: .seconds(pruneIntervalSeconds), logger: logger)),
+                    .init(service: StreamCloser(store: store)),
+                ],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await group.run()

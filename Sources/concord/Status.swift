@@ -57,7 +57,10 @@ struct Status: AsyncParsableCommand {
                     "feed": replica.feedID, "source": replica.source, "position": replica.position,
                     "phase": replica.progress.phase.rawValue, "appliedChanges": replica.appliedChanges,
                     "updatedAt": ISO8601DateFormatter().string(from: replica.updatedAt),
+                    "verifiedLSN": replica.verifiedLSN, "repairs": replica.repairs,
+                    "repairedRecords": replica.repairedRecords, "mismatches": replica.mismatches,
                 ]
+                if let at = replica.verifiedAt { entry["verifiedAt"] = ISO8601DateFormatter().string(from: at) }
                 if let head { entry["lag"] = head > replica.position ? head - replica.position : 0 }
                 object["replica"] = entry
             }
@@ -89,6 +92,14 @@ struct Status: AsyncParsableCommand {
                 print("lag         \(lag) changes\(feed == nil ? " (against the head last seen)" : "")")
             }
             print("applied     \(replica.appliedChanges) changes")
+            if let at = replica.verifiedAt {
+                print("verified    at LSN \(replica.verifiedLSN), \(ISO8601DateFormatter().string(from: at))")
+            } else {
+                print("verified    not yet")
+            }
+            print(
+                "repairs     \(replica.repairs) (\(replica.repairedRecords) records); \(replica.mismatches) mismatches found"
+            )
             print("updated     \(ISO8601DateFormatter().string(from: replica.updatedAt))")
         }
     }
