@@ -164,7 +164,7 @@ public final class Subscriber: Service, Sendable {
         for scanned in changed {
             logger.warning(
                 "rows changed behind Concord's back, reconciling", metadata: ["collection": "\(scanned.collection)"])
-            try await store.adopt(scanned)
+            try await store.adopt(scanned, countingMismatch: true)
             try await reconcile(scanned.collection, at: state.position, local: scanned.sketch)
         }
     }
@@ -175,13 +175,25 @@ public final class Subscriber: Service, Sendable {
         case .verified:
             logger.debug("verified", metadata: ["lsn": "\(checkpoint.lsn)"])
         case .notJudged:
-            break
+            logger.debug("checkpoint not judged", metadata: ["lsn": "\(checkpoint.lsn)"])
         case .mismatch(let collections):
             logger.warning(
                 "digest differs from the source's checkpoint, reconciling",
                 metadata: ["lsn": "\(checkpoint.lsn)", "collections": "\(collections.joined(separator: ","))"])
+            // The rows are what must equal the source: compare from a scan of them, which also
+            // resets a kept digest that had drifted from the rows.
+            let scanned = try await store.scanAll()
             for collection in collections {
-                try await reconcile(collection, at: checkpoint.lsn, local: try await store.sketch(of: collection))
+                let rows =
+                    scanned[collection]
+                    ?? ScannedCollection(
+                        collection: collection, digest: .empty,
+                        sketch: RatelessSketch(capacity: ReplicaStore.sketchCapacity))
+                try await store.adopt(rows)
+                try await reconcile(collection, at: checkpoint.lsn, local: rows.sketch)
+            }
+            if case .mismatch = try await store.check(checkpoint) {
+                logger.error("still differs after reconciliation", metadata: ["lsn": "\(checkpoint.lsn)"])
             }
         }
     }

@@ -82,6 +82,12 @@ public struct ScannedCollection: Sendable {
     public var collection: String
     public var digest: CollectionDigest
     public var sketch: RatelessSketch
+
+    public init(collection: String, digest: CollectionDigest, sketch: RatelessSketch) {
+        self.collection = collection
+        self.digest = digest
+        self.sketch = sketch
+    }
 }
 
 /// How a checkpoint compared with the replica.
@@ -208,14 +214,14 @@ extension ReplicaStore {
 
     /// Makes the kept digest and sketch of a collection those of its stored rows (after a
     /// scrub found them different), so the following reconciliation starts from the disk.
-    public func adopt(_ scanned: ScannedCollection) async throws {
+    public func adopt(_ scanned: ScannedCollection, countingMismatch: Bool = false) async throws {
         try await pool.write { db in
             try db.execute(
-                sql: """
-                    UPDATE concord_collections SET count = ?, digest = ?, digest_valid = 1 WHERE name = ?;
-                    UPDATE concord_state SET mismatches = mismatches + 1 WHERE id = 1;
-                    """,
+                sql: "UPDATE concord_collections SET count = ?, digest = ?, digest_valid = 1 WHERE name = ?",
                 arguments: [scanned.digest.count, scanned.digest.sumHex, scanned.collection])
+            if countingMismatch {
+                try db.execute(sql: "UPDATE concord_state SET mismatches = mismatches + 1 WHERE id = 1")
+            }
             self.sketches.withLock { $0?.set(scanned.collection, scanned.sketch) }
         }
     }

@@ -223,11 +223,21 @@ struct API: Sendable {
             body: ResponseBody { writer in
                 var cursor = after
                 var sent = 0
+                var checkpointed = after
                 // Ends at a transaction boundary once the publisher begins to shut down.
                 while !Task.isCancelled, !store.headWatch.isClosed {
                     let items = try await store.items(
                         after: cursor, limit: configuration.streamBatch, collections: collections)
                     if items.isEmpty {
+                        // A time-based checkpoint may land on the last LSN sent after it went out.
+                        if checkpointed < cursor,
+                            let late = try await store.checkpoints(after: cursor - 1, through: cursor).last
+                        {
+                            var line = JSONWriter(capacity: 256)
+                            WireFormat.append(late.restricted(to: collections), to: &line)
+                            try await writer.write(ByteBuffer(bytes: line.bytes))
+                            checkpointed = cursor
+                        }
                         let head = await store.headWatch.wait(beyond: cursor, timeout: configuration.heartbeatInterval)
                         if head <= cursor, !store.headWatch.isClosed {
                             var line = JSONWriter(capacity: 48)
@@ -237,6 +247,7 @@ struct API: Sendable {
                         continue
                     }
                     let checkpoints = try await store.checkpoints(after: cursor, through: items.last!.lastLSN)
+                    if checkpoints.last?.lsn == items.last!.lastLSN { checkpointed = items.last!.lastLSN }
                     var lines = JSONWriter(capacity: items.count * 300)
                     var kept = items
                     if let every = configuration.dropEveryNthStreamItem {

@@ -119,3 +119,40 @@ import Testing
         #expect(Array(whole[100..<200]) == tail)
     }
 }
+
+@Suite struct CheckpointWireTests {
+    @Test func checkpointLinesRoundTrip() throws {
+        var digest = CollectionDigest.empty
+        digest.add(Element(collection: "users", key: "1", version: 3, value: "{}"))
+        let checkpoint = Checkpoint(lsn: 42, digests: ["users": digest, "orders": .empty])
+        var writer = JSONWriter()
+        WireFormat.append(checkpoint, to: &writer)
+        let line = Array(writer.bytes.dropLast())
+        #expect(try WireFormat.parseStreamLine(line) == .checkpoint(checkpoint))
+        #expect(checkpoint.restricted(to: ["users"]).digests.keys.sorted() == ["users"])
+    }
+
+    @Test func symbolsRoundTripInTheBinaryForm() throws {
+        var sketch = RatelessSketch(capacity: 64)
+        for index in 0..<20 { sketch.add(Element(collection: "c", key: "\(index)", version: 1, value: "1")) }
+        sketch.remove(Element(collection: "c", key: "x", version: 1, value: "1"))
+        var bytes: [UInt8] = []
+        SymbolCodec.encode(sketch.symbols, into: &bytes)
+        #expect(try SymbolCodec.decode(bytes) == sketch.symbols)
+        #expect(bytes.count <= 64 * 42)
+        #expect(throws: ConcordError.self) { try SymbolCodec.decode(Array(bytes.dropLast())) }
+    }
+
+    @Test func keyHashIsTheElementsFirstWord() {
+        let element = Element(collection: "users", key: "42", version: 7, value: "{\"a\":1}")
+        #expect(Element.keyHash(collection: "users", key: "42") == element.keyHash)
+    }
+
+    @Test func checkpointPolicyCountsBoundaries() {
+        var policy = CheckpointPolicy()
+        policy.everyChanges = 100
+        #expect(policy.crossesBoundary(from: 99, to: 100))
+        #expect(!policy.crossesBoundary(from: 100, to: 199))
+        #expect(policy.crossesBoundary(from: 150, to: 420))
+    }
+}

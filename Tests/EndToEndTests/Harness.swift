@@ -12,7 +12,8 @@ import Testing
 enum Harness {
     static let logger: Logger = {
         var logger = Logger(label: "concord.tests")
-        logger.logLevel = .critical
+        logger.logLevel =
+            ProcessInfo.processInfo.environment["CONCORD_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
         return logger
     }()
 
