@@ -38,8 +38,8 @@ public struct ReconciliationReport: Sendable, Hashable {
 /// only the differing records travel.
 public struct Reconciler: Sendable {
     public struct Configuration: Sendable {
-        /// Symbols in the first batch; each further batch adds a quarter of those received,
-        /// so at most about 25% more symbols are sent than the difference needs.
+        /// Symbols in the first batch; each further batch adds an eighth of those received,
+        /// so at most about 12% more symbols are sent than the difference needs.
         public var firstBatch = 16
         /// Symbols the source keeps; a difference that needs more is copied again instead.
         public var maxSymbols = ReplicaStore.sketchCapacity
@@ -71,7 +71,7 @@ public struct Reconciler: Sendable {
                 report.tooLarge = true
                 break
             }
-            let batch = min(limit - received, max(configuration.firstBatch, received / 4))
+            let batch = min(limit - received, max(configuration.firstBatch, received / 8))
             let (symbols, bytes) = try await client.symbols(
                 collection: collection, at: lsn, range: received..<(received + batch))
             report.symbolBytes += bytes
@@ -97,10 +97,11 @@ public struct Reconciler: Sendable {
         let localHashes = Set(decoder.localOnly.map(\.keyHash))
         var fetched: [Record] = []
         var fetchedHashes = Set<UInt64>()
-        if !remoteHashes.isEmpty || !localHashes.isEmpty {
-            // Keys only the replica holds are looked up too: the source may hold them again by now.
+        if !remoteHashes.isEmpty {
+            // Keys only the replica holds are not looked up: the source did not hold them at the
+            // LSN, and a later write of one reaches the replica through the log.
             let (page, bytes) = try await client.records(
-                collection: collection, keyHashes: Array(remoteHashes.union(localHashes)).sorted())
+                collection: collection, keyHashes: Array(remoteHashes).sorted())
             fetched = page.records
             for record in fetched {
                 fetchedHashes.insert(Element.keyHash(collection: collection, key: record.key))

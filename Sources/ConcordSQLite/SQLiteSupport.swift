@@ -165,3 +165,13 @@ package enum SQLiteInsertBenchmark {
         return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
     }
 }
+
+/// Plain SQL on a Concord file from a connection of its own, as another program would run
+/// it: for benchmarks that damage a replica behind Concord's back.
+package enum PlainSQL {
+    package static func execute(path: String, _ sql: String) throws {
+        let queue = try DatabaseQueue(path: path)
+        try queue.inDatabase { db in try db.execute(sql: sql) }
+        try queue.close()
+    }
+}
