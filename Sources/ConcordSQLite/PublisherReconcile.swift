@@ -119,7 +119,7 @@ extension PublisherStore {
                 let select = RawStatement(
                     try db.cachedStatement(
                         sql: """
-                            SELECT key, version, value FROM concord_records
+                            SELECT key, version, value FROM concord_records INDEXED BY concord_records_key_hash
                             WHERE collection = ?1 AND key_hash = ?2
                             """), in: db)
                 var records: [Record] = []
