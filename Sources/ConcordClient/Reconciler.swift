@@ -115,7 +115,7 @@ public struct Reconciler: Sendable {
             let hash = Element.keyHash(collection: collection, key: record.key)
             if localHashes.contains(hash) { report.stale.append(record.key) } else { report.missing.append(record.key) }
         }
-        report.extra = localHashes.subtracting(fetchedHashes).compactMap { localKeys[$0] }.sorted()
+        report.extra = unresolved.compactMap { localKeys[$0] }.sorted()
         report.missing.sort()
         report.stale.sort()
         if repair, !report.isEqual {

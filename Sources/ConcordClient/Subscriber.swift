@@ -221,6 +221,9 @@ public final class Subscriber: Service, Sendable {
         logger.warning(
             "the source's log no longer reaches back to this replica, reconciling",
             metadata: ["position": "\(state.position)", "oldest": "\(feed.oldest)", "head": "\(feed.head)"])
+        // One scan builds the kept sketches for every collection, rather than one per collection here
+        // and another when following resumes.
+        try await prepareDigests()
         let followed = state.collections.map(Set.init)
         var names = Set(feed.collections.map(\.name)).union(try store.collections())
         if let followed { names.formIntersection(followed) }

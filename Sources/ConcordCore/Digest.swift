@@ -26,25 +26,14 @@ public struct Element: Sendable, Hashable, Comparable, CustomStringConvertible {
         // Hashed from one stack buffer: allocation, not SHA-256, dominated the cost.
         let words = withUnsafeTemporaryAllocation(byteCount: size, alignment: 8) { buffer in
             var offset = 0
-            func put(_ text: inout String) {
-                text.withUTF8 { bytes in
-                    let count = UInt32(bytes.count)
-                    buffer.storeBytes(of: count.bigEndian, toByteOffset: offset, as: UInt32.self)
-                    offset += 4
-                    if let base = bytes.baseAddress {
-                        (buffer.baseAddress! + offset).copyMemory(from: base, byteCount: bytes.count)
-                    }
-                    offset += bytes.count
-                }
-            }
-            put(&collection)
-            put(&key)
+            Self.putLengthPrefixed(&collection, into: buffer, at: &offset)
+            Self.putLengthPrefixed(&key, into: buffer, at: &offset)
             var keyHasher = SHA256()
             keyHasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<offset]))
             let keyDigest = keyHasher.finalize()
             buffer.storeBytes(of: version.bigEndian, toByteOffset: offset, as: UInt64.self)
             offset += 8
-            put(&value)
+            Self.putLengthPrefixed(&value, into: buffer, at: &offset)
             var contentHasher = SHA256()
             contentHasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<offset]))
             let contentDigest = contentHasher.finalize()
@@ -75,23 +64,29 @@ public struct Element: Sendable, Hashable, Comparable, CustomStringConvertible {
         let size = 8 + collection.utf8.count + key.utf8.count
         return withUnsafeTemporaryAllocation(byteCount: size, alignment: 8) { buffer in
             var offset = 0
-            func put(_ text: inout String) {
-                text.withUTF8 { bytes in
-                    buffer.storeBytes(of: UInt32(bytes.count).bigEndian, toByteOffset: offset, as: UInt32.self)
-                    offset += 4
-                    if let base = bytes.baseAddress {
-                        (buffer.baseAddress! + offset).copyMemory(from: base, byteCount: bytes.count)
-                    }
-                    offset += bytes.count
-                }
-            }
-            put(&collection)
-            put(&key)
+            putLengthPrefixed(&collection, into: buffer, at: &offset)
+            putLengthPrefixed(&key, into: buffer, at: &offset)
             var hasher = SHA256()
             hasher.update(bufferPointer: UnsafeRawBufferPointer(buffer))
             return hasher.finalize().withUnsafeBytes { readBigEndian($0, at: 0) }
         }
     }
+
+    /// Writes `lp(text)` (big-endian 32-bit UTF-8 length, then the bytes) at `offset`, moving it on.
+    @inline(__always)
+    static func putLengthPrefixed(
+        _ text: inout String, into buffer: UnsafeMutableRawBufferPointer, at offset: inout Int
+    ) {
+        text.withUTF8 { bytes in
+            buffer.storeBytes(of: UInt32(bytes.count).bigEndian, toByteOffset: offset, as: UInt32.self)
+            offset += 4
+            if let base = bytes.baseAddress {
+                (buffer.baseAddress! + offset).copyMemory(from: base, byteCount: bytes.count)
+            }
+            offset += bytes.count
+        }
+    }
+
     public var isZero: Bool { self == .zero }
 
     public static func == (lhs: Element, rhs: Element) -> Bool {

@@ -77,10 +77,7 @@ struct Bench: AsyncParsableCommand {
 
     func streamBenchmark(folder: URL, logger: Logger, results: inout [String: Double]) async throws {
         let count = changes
-        var configuration = PublisherStore.Configuration()
-        configuration.durability = .normal
-        let store = try PublisherStore(
-            path: folder.appendingPathComponent("stream-source.sqlite").path, configuration: configuration)
+        let store = try Self.source(in: folder, named: "stream-source")
         say("stream: \(count) records of 200-byte values, then \(count) updates twice")
         try await Self.load(store, count: count, size: 200, revision: 0)
         let replicaPath = folder.appendingPathComponent("stream-replica.sqlite").path
@@ -143,18 +140,14 @@ struct Bench: AsyncParsableCommand {
 
     func bootstrapBenchmark(folder: URL, logger: Logger, results: inout [String: Double]) async throws {
         let count = records
-        var configuration = PublisherStore.Configuration()
-        configuration.durability = .normal
-        let store = try PublisherStore(
-            path: folder.appendingPathComponent("boot-source.sqlite").path, configuration: configuration)
+        let store = try Self.source(in: folder, named: "boot-source")
         say("bootstrap: \(count) records of about 225-byte values into an empty replica")
         let loadStart = ContinuousClock.now
         try await Self.load(store, count: count, size: 225, revision: 0)
         say(String(format: "  loaded the source in %.2f s", (ContinuousClock.now - loadStart).seconds))
 
         let small = max(1, count / 10)
-        let smallStore = try PublisherStore(
-            path: folder.appendingPathComponent("boot-small.sqlite").path, configuration: configuration)
+        let smallStore = try Self.source(in: folder, named: "boot-small")
         try await Self.load(smallStore, count: small, size: 225, revision: 0)
 
         func measure(_ store: PublisherStore, name: String) async throws -> (seconds: Double, rss: Double) {
@@ -241,6 +234,26 @@ struct Bench: AsyncParsableCommand {
     }
 
     /// Writes `count` upserts of keys 1...count in batches of 1000.
+    /// A publisher store in `folder` without an fsync per write, as benchmarks load millions of rows.
+    static func source(
+        in folder: URL, named name: String, retainChanges: UInt64? = nil
+    ) throws -> PublisherStore {
+        var configuration = PublisherStore.Configuration()
+        configuration.durability = .normal
+        configuration.retention.maxChanges = retainChanges
+        return try PublisherStore(
+            path: folder.appendingPathComponent("\(name).sqlite").path, configuration: configuration)
+    }
+
+    /// Bootstraps a replica at `path` with a `concord follow` child until it holds the head, then stops the child.
+    static func bootstrapReplica(source url: String, store: PublisherStore, path: String) async throws {
+        let child = try FollowProcess(source: url, db: path)
+        defer { child.stop() }
+        try await child.waitUntil(timeout: .seconds(600)) {
+            $0.progress.phase == .following && $0.position >= store.head
+        }
+    }
+
     static func load(_ store: PublisherStore, count: Int, size: Int, revision: Int) async throws {
         var id = 1
         while id <= count {

@@ -10,21 +10,14 @@ extension Bench {
     /// past the log's retention, counting the bytes of every exchange.
     func reconcileBenchmark(folder: URL, logger: Logger, results: inout [String: Double]) async throws {
         let count = records
-        var configuration = PublisherStore.Configuration()
-        configuration.durability = .normal
-        let store = try PublisherStore(
-            path: folder.appendingPathComponent("reconcile-source.sqlite").path, configuration: configuration)
+        let store = try Self.source(in: folder, named: "reconcile-source")
         say("reconcile: \(count) records of about 225-byte values; differences made with plain SQL on the replica")
         try await Self.load(store, count: count, size: 225, revision: 0)
         let replicaPath = folder.appendingPathComponent("reconcile-replica.sqlite").path
         let report = try await PublisherServer.withRunningServer(
             store: store, configuration: Self.server, logger: logger
         ) { url in
-            let child = try FollowProcess(source: url, db: replicaPath)
-            try await child.waitUntil(timeout: .seconds(600)) {
-                $0.progress.phase == .following && $0.position >= store.head
-            }
-            child.stop()
+            try await Self.bootstrapReplica(source: url, store: store, path: replicaPath)
             var report: [String: Double] = [:]
             let http = SourceClient.makeHTTPClient()
             defer { _ = http.shutdown() }
@@ -99,21 +92,13 @@ extension Bench {
     /// reconciliation bytes against the changed records and against a full re-bootstrap.
     func retentionBenchmark(folder: URL, logger: Logger, results: inout [String: Double]) async throws {
         let count = min(records, 100_000)
-        var configuration = PublisherStore.Configuration()
-        configuration.durability = .normal
-        configuration.retention.maxChanges = 500
-        let store = try PublisherStore(
-            path: folder.appendingPathComponent("retention-source.sqlite").path, configuration: configuration)
+        let store = try Self.source(in: folder, named: "retention-source", retainChanges: 500)
         try await Self.load(store, count: count, size: 225, revision: 0)
         let replicaPath = folder.appendingPathComponent("retention-replica.sqlite").path
         let report = try await PublisherServer.withRunningServer(
             store: store, configuration: Self.server, logger: logger
         ) { url in
-            let child = try FollowProcess(source: url, db: replicaPath)
-            try await child.waitUntil(timeout: .seconds(600)) {
-                $0.progress.phase == .following && $0.position >= store.head
-            }
-            child.stop()
+            try await Self.bootstrapReplica(source: url, store: store, path: replicaPath)
             let changed = count / 100
             var batch: [WriteOperation] = []
             for index in 0..<changed {

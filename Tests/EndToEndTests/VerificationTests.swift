@@ -30,6 +30,15 @@ struct VerificationTests {
         }
     }
 
+    /// A source holding `records` records and a new, empty replica file beside it.
+    static func sourceWithEmptyReplica(records: Int) async throws -> (PublisherStore, String, ReplicaStore) {
+        let folder = Harness.folder()
+        let source = try sourceStore(folder)
+        try await fill(source, records: records)
+        let replicaPath = folder.appendingPathComponent("replica.sqlite").path
+        return (source, replicaPath, try ReplicaStore(path: replicaPath))
+    }
+
     /// Runs a subscriber in the background until `body` returns.
     static func withSubscriber<T: Sendable>(
         url: String, replica: ReplicaStore, scrub: Duration? = nil, _ body: @Sendable () async throws -> T
@@ -89,11 +98,7 @@ struct VerificationTests {
         """
 
     @Test func rowsEditedBehindTheBackWhileRunningAreFoundByTheScrubAndRepaired() async throws {
-        let folder = Harness.folder()
-        let source = try Self.sourceStore(folder)
-        try await Self.fill(source, records: 5000)
-        let replicaPath = folder.appendingPathComponent("replica.sqlite").path
-        let replica = try ReplicaStore(path: replicaPath)
+        let (source, replicaPath, replica) = try await Self.sourceWithEmptyReplica(records: 5000)
         try await PublisherServer.withRunningServer(store: source, configuration: .testing, logger: Harness.logger) {
             url in
             try await Self.withSubscriber(url: url, replica: replica, scrub: .milliseconds(500)) {
@@ -114,11 +119,7 @@ struct VerificationTests {
     }
 
     @Test func rowsEditedWhileStoppedAreReportedByKeyAndRepairedWithFewBytes() async throws {
-        let folder = Harness.folder()
-        let source = try Self.sourceStore(folder)
-        try await Self.fill(source, records: 5000)
-        let replicaPath = folder.appendingPathComponent("replica.sqlite").path
-        let replica = try ReplicaStore(path: replicaPath)
+        let (source, replicaPath, replica) = try await Self.sourceWithEmptyReplica(records: 5000)
         try await PublisherServer.withRunningServer(store: source, configuration: .testing, logger: Harness.logger) {
             url in
             try await Self.withSubscriber(url: url, replica: replica) {
