@@ -26,9 +26,12 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
     ],
     targets: [
+        // SHA-256 in one call on the processor's SHA extensions: record hashing is on every
+        // change, scan and key lookup, and a streaming hasher's setup cost more than the hash.
+        .target(name: "CConcordHash", cSettings: [.unsafeFlags(["-O3"])]),
         .target(
             name: "ConcordCore",
-            dependencies: [.product(name: "Crypto", package: "swift-crypto")],
+            dependencies: ["CConcordHash"],
             swiftSettings: settings
         ),
         .target(
@@ -77,7 +80,11 @@ let package = Package(
             ],
             swiftSettings: settings
         ),
-        .testTarget(name: "ConcordCoreTests", dependencies: ["ConcordCore"], swiftSettings: settings),
+        .testTarget(
+            name: "ConcordCoreTests",
+            dependencies: ["ConcordCore", "CConcordHash", .product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: settings
+        ),
         .testTarget(
             name: "ConcordSQLiteTests",
             dependencies: ["ConcordCore", "ConcordSQLite", .product(name: "GRDB", package: "GRDB.swift")],

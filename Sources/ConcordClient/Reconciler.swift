@@ -22,6 +22,12 @@ public struct ReconciliationReport: Sendable, Hashable {
     public var tooLarge = false
     public var repaired = false
     public var seconds = 0.0
+    /// Where the time went: receiving and peeling symbols, looking the differing records up at
+    /// the source, naming the keys only the replica holds, and writing the repair.
+    public var symbolSeconds = 0.0
+    public var lookupSeconds = 0.0
+    public var localKeySeconds = 0.0
+    public var repairSeconds = 0.0
 
     public var isEqual: Bool { missing.isEmpty && extra.isEmpty && stale.isEmpty && !tooLarge }
     public var differences: Int { missing.count + extra.count + stale.count }
@@ -41,8 +47,9 @@ public struct Reconciler: Sendable {
         /// Symbols in the first batch; each further batch adds an eighth of those received,
         /// so at most about 12% more symbols are sent than the difference needs.
         public var firstBatch = 16
-        /// Symbols the source keeps; a difference that needs more is copied again instead.
-        public var maxSymbols = ReplicaStore.sketchCapacity
+        /// A difference that needs more symbols than this share of the larger side's record
+        /// count is copied again instead: about a third of the records differ by then.
+        public var maxSymbolsPerRecord = 0.5
         public init() {}
     }
 
@@ -65,23 +72,38 @@ public struct Reconciler: Sendable {
         var report = ReconciliationReport(collection: collection, lsn: lsn)
         var decoder = RatelessDecoder()
         var received = 0
-        let limit = min(configuration.maxSymbols, local.capacity)
+        var limit = local.capacity
+        // Past the kept symbols the replica computes its own from its rows, read once.
+        var localItems: [SketchItem]?
+        var localSymbols = local.symbols
         while !decoder.isDecoded {
             guard received < limit else {
                 report.tooLarge = true
                 break
             }
-            let batch = min(limit - received, max(configuration.firstBatch, received / 8))
+            var batch = max(configuration.firstBatch, received / 8)
+            if received < local.capacity { batch = min(batch, local.capacity - received) }
             let (symbols, bytes) = try await client.symbols(
                 collection: collection, at: lsn, range: received..<(received + batch))
             report.symbolBytes += bytes
+            if received == 0, let first = symbols.first {
+                // Symbol 0 holds every item, so its count is the size of the set.
+                let records = max(Int(first.count), Int(local.symbols.first?.count ?? 0))
+                limit = max(local.capacity, Int(Double(records) * configuration.maxSymbolsPerRecord))
+            }
+            if received + symbols.count > localSymbols.count {
+                if localItems == nil { localItems = try await store.sketchItems(of: collection) }
+                localSymbols += RatelessSketch.symbols(
+                    of: localItems!, range: localSymbols.count..<(received + symbols.count))
+            }
             for (offset, symbol) in symbols.enumerated() {
-                decoder.add(remote: symbol, local: local.symbols[received + offset])
+                decoder.add(remote: symbol, local: localSymbols[received + offset])
                 if decoder.isDecoded { break }
             }
             received += symbols.count
         }
         report.symbols = decoder.symbolCount
+        report.symbolSeconds = Self.seconds(since: started)
         if report.tooLarge {
             report.seconds = Self.seconds(since: started)
             if repair {
@@ -97,6 +119,7 @@ public struct Reconciler: Sendable {
         let localHashes = Set(decoder.localOnly.map(\.keyHash))
         var fetched: [Record] = []
         var fetchedHashes = Set<UInt64>()
+        var phase = ContinuousClock.now
         if !remoteHashes.isEmpty {
             // Keys only the replica holds are not looked up: the source did not hold them at the
             // LSN, and a later write of one reaches the replica through the log.
@@ -109,8 +132,12 @@ public struct Reconciler: Sendable {
             }
             report.lookupBytes = bytes - report.recordBytes
         }
+        report.lookupSeconds = Self.seconds(since: phase)
+        phase = .now
         let unresolved = localHashes.subtracting(fetchedHashes)
         let localKeys = try await store.keys(of: collection, keyHashes: unresolved)
+        report.localKeySeconds = Self.seconds(since: phase)
+        phase = .now
         for record in fetched {
             let hash = Element.keyHash(collection: collection, key: record.key)
             if localHashes.contains(hash) { report.stale.append(record.key) } else { report.missing.append(record.key) }
@@ -122,6 +149,7 @@ public struct Reconciler: Sendable {
             try await store.repair(collection, at: lsn, writing: fetched, deleting: report.extra)
             report.repaired = true
         }
+        report.repairSeconds = Self.seconds(since: phase)
         report.seconds = Self.seconds(since: started)
         return report
     }

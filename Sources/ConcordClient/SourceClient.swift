@@ -15,6 +15,8 @@ public struct SourceClient: Sendable {
         public var requestTimeout: Duration = .seconds(60)
         /// Largest response body read into memory.
         public var maxResponseBytes = 512 << 20
+        /// Asks for each change's before-element, which digests kept in LSN order need.
+        public var requestsBefore = true
         public init() {}
     }
 
@@ -57,7 +59,8 @@ public struct SourceClient: Sendable {
     public func changesWithCheckpoints(after: LSN, limit: Int, wait: Int = 0, collections: [String]? = nil)
         async throws -> (items: [StreamItem], checkpoints: [Checkpoint], head: LSN?)
     {
-        var path = "/v1/changes?after=\(after)&limit=\(limit)&wait=\(wait)&before=1"
+        var path = "/v1/changes?after=\(after)&limit=\(limit)&wait=\(wait)"
+        if configuration.requestsBefore { path += "&before=1" }
         if let collections { path += "&collections=" + collections.joined(separator: ",") }
         let (body, headers) = try await get(path, timeout: .seconds(Int64(wait)) + configuration.requestTimeout)
         var lines = LineRanges(body)
@@ -90,10 +93,12 @@ public struct SourceClient: Sendable {
         request.headers.add(name: "content-type", value: "application/octet-stream")
         var payload: [UInt8] = []
         payload.reserveCapacity(keyHashes.count * 8)
-        for hash in keyHashes { SymbolCodec.appendWord(hash, to: &payload) }
+        for hash in keyHashes { BinaryWire.appendWord(hash, to: &payload) }
         request.body = .bytes(ByteBuffer(bytes: payload))
         let (body, _) = try await send(request, timeout: configuration.requestTimeout)
-        return (try WireFormat.decodePage(body), body.count + payload.count)
+        let (lsn, records) = try RecordCodec.decode(body)
+        let page = SnapshotPage(collection: collection, lsn: lsn, records: records, hasMore: false)
+        return (page, body.count + payload.count)
     }
 
     public func page(collection: String, afterKey: String?, limit: Int) async throws -> SnapshotPage {
@@ -107,7 +112,8 @@ public struct SourceClient: Sendable {
 
     /// Opens the live change stream after `after`; the caller reads the body.
     public func stream(after: LSN, collections: [String]? = nil) async throws -> HTTPClientResponse {
-        var path = "/v1/changes/stream?after=\(after)&before=1"
+        var path = "/v1/changes/stream?after=\(after)"
+        if configuration.requestsBefore { path += "&before=1" }
         if let collections { path += "&collections=" + collections.joined(separator: ",") }
         let request = HTTPClientRequest(url: baseURL + path)
         let response: HTTPClientResponse

@@ -27,6 +27,9 @@ public final class Subscriber: Service, Sendable {
         /// How often the stored rows are re-hashed and compared with the digests (`nil`: never).
         public var scrubInterval: Duration? = .seconds(3600)
         public var reconciler = Reconciler.Configuration()
+        /// Keeps digests, compares checkpoints and scrubs (default). Off only to measure what
+        /// proof costs; the store must then not track digests either.
+        public var verification = true
 
         public init(source: String, collections: [String]? = nil) {
             self.source = source
@@ -50,7 +53,9 @@ public final class Subscriber: Service, Sendable {
     public init(configuration: Configuration, store: ReplicaStore, http: HTTPClient, logger: Logger) {
         self.configuration = configuration
         self.store = store
-        self.client = SourceClient(baseURL: configuration.source, http: http)
+        var clientConfiguration = SourceClient.Configuration()
+        clientConfiguration.requestsBefore = configuration.verification
+        self.client = SourceClient(baseURL: configuration.source, http: http, configuration: clientConfiguration)
         self.logger = logger
         reconciler = Reconciler(client: client, configuration: configuration.reconciler, logger: logger)
         nextScrub = Mutex(.now + (configuration.scrubInterval ?? .seconds(0)))
@@ -143,7 +148,7 @@ public final class Subscriber: Service, Sendable {
     /// Builds digests and sketches from the stored rows when they are not known yet, once
     /// changes apply in LSN order.
     func prepareDigests() async throws {
-        guard let state = try store.state(), state.progress.phase == .following,
+        guard configuration.verification, let state = try store.state(), state.progress.phase == .following,
             state.progress.applyMode(position: state.position) == .ordered, try !store.digestsReady()
         else { return }
         activityBox.value = .verifying
@@ -156,7 +161,7 @@ public final class Subscriber: Service, Sendable {
 
     /// Re-hashes the stored rows; repairs the collections changed behind Concord's back.
     public func scrub() async throws {
-        guard let state = try store.state(), state.progress.phase == .following,
+        guard configuration.verification, let state = try store.state(), state.progress.phase == .following,
             state.progress.applyMode(position: state.position) == .ordered
         else { return }
         activityBox.value = .verifying
@@ -171,6 +176,7 @@ public final class Subscriber: Service, Sendable {
 
     /// Compares a checkpoint the replica has applied through; reconciles what differs.
     func verify(_ checkpoint: Checkpoint) async throws {
+        guard configuration.verification else { return }
         switch try await store.check(checkpoint) {
         case .verified:
             logger.debug("verified", metadata: ["lsn": "\(checkpoint.lsn)"])

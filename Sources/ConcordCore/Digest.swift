@@ -1,4 +1,4 @@
-import Crypto
+import CConcordHash
 
 /// The 32-byte identity of one live record's exact content: `keyHash64 ‖ contentHash192`.
 ///
@@ -28,23 +28,12 @@ public struct Element: Sendable, Hashable, Comparable, CustomStringConvertible {
             var offset = 0
             Self.putLengthPrefixed(&collection, into: buffer, at: &offset)
             Self.putLengthPrefixed(&key, into: buffer, at: &offset)
-            var keyHasher = SHA256()
-            keyHasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<offset]))
-            let keyDigest = keyHasher.finalize()
+            let keyDigest = Self.sha256(UnsafeRawBufferPointer(rebasing: buffer[0..<offset]))
             buffer.storeBytes(of: version.bigEndian, toByteOffset: offset, as: UInt64.self)
             offset += 8
             Self.putLengthPrefixed(&value, into: buffer, at: &offset)
-            var contentHasher = SHA256()
-            contentHasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<offset]))
-            let contentDigest = contentHasher.finalize()
-            var words: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
-            keyDigest.withUnsafeBytes { bytes in words.0 = Self.readBigEndian(bytes, at: 0) }
-            contentDigest.withUnsafeBytes { bytes in
-                words.1 = Self.readBigEndian(bytes, at: 0)
-                words.2 = Self.readBigEndian(bytes, at: 8)
-                words.3 = Self.readBigEndian(bytes, at: 16)
-            }
-            return words
+            let contentDigest = Self.sha256(UnsafeRawBufferPointer(rebasing: buffer[0..<offset]))
+            return (keyDigest.0, contentDigest.0, contentDigest.1, contentDigest.2)
         }
         self.words = words
     }
@@ -66,10 +55,21 @@ public struct Element: Sendable, Hashable, Comparable, CustomStringConvertible {
             var offset = 0
             putLengthPrefixed(&collection, into: buffer, at: &offset)
             putLengthPrefixed(&key, into: buffer, at: &offset)
-            var hasher = SHA256()
-            hasher.update(bufferPointer: UnsafeRawBufferPointer(buffer))
-            return hasher.finalize().withUnsafeBytes { readBigEndian($0, at: 0) }
+            return sha256(UnsafeRawBufferPointer(buffer)).0
         }
+    }
+
+    /// SHA-256 of `bytes` as four big-endian words.
+    @inline(__always)
+    public static func sha256(_ bytes: UnsafeRawBufferPointer) -> (UInt64, UInt64, UInt64, UInt64) {
+        var digest: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+        withUnsafeMutableBytes(of: &digest) { out in
+            concord_sha256(bytes.baseAddress, bytes.count, out.baseAddress!.assumingMemoryBound(to: UInt8.self))
+        }
+        return (
+            UInt64(bigEndian: digest.0), UInt64(bigEndian: digest.1), UInt64(bigEndian: digest.2),
+            UInt64(bigEndian: digest.3)
+        )
     }
 
     /// Writes `lp(text)` (big-endian 32-bit UTF-8 length, then the bytes) at `offset`, moving it on.
@@ -121,36 +121,61 @@ public struct Element: Sendable, Hashable, Comparable, CustomStringConvertible {
 
     // MARK: Encoding
 
-    static func readBigEndian(_ bytes: UnsafeRawBufferPointer, at offset: Int) -> UInt64 {
-        var value: UInt64 = 0
-        for index in 0..<8 { value = value << 8 | UInt64(bytes[offset + index]) }
-        return value
+    static func hex(_ words: (UInt64, UInt64, UInt64, UInt64)) -> String {
+        String(unsafeUninitializedCapacity: 64) { buffer in
+            writeHex(words, into: UnsafeMutableRawBufferPointer(buffer))
+            return 64
+        }
     }
 
-    static func hex(_ words: (UInt64, UInt64, UInt64, UInt64)) -> String {
-        let digits = Array("0123456789abcdef".utf8)
-        var out: [UInt8] = []
-        out.reserveCapacity(64)
-        for word in [words.0, words.1, words.2, words.3] {
-            for shift in stride(from: 60, through: 0, by: -4) { out.append(digits[Int((word >> UInt64(shift)) & 0xF)]) }
+    /// Appends the 64 hex digits of `words` to `bytes` without an intermediate string.
+    public static func appendHex(_ words: (UInt64, UInt64, UInt64, UInt64), to bytes: inout [UInt8]) {
+        withUnsafeTemporaryAllocation(byteCount: 64, alignment: 8) { buffer in
+            writeHex(words, into: buffer)
+            bytes.append(contentsOf: buffer)
         }
-        return String(decoding: out, as: UTF8.self)
+    }
+
+    @inline(__always)
+    static func writeHex(_ words: (UInt64, UInt64, UInt64, UInt64), into buffer: UnsafeMutableRawBufferPointer) {
+        let digits: StaticString = "0123456789abcdef"
+        func put(_ word: UInt64, at start: Int) {
+            for index in 0..<16 {
+                buffer[start + index] = digits.utf8Start[Int((word >> UInt64(60 - 4 * index)) & 0xF)]
+            }
+        }
+        put(words.0, at: 0)
+        put(words.1, at: 16)
+        put(words.2, at: 32)
+        put(words.3, at: 48)
     }
 
     static func parseHex(_ text: String) -> (UInt64, UInt64, UInt64, UInt64)? {
-        let bytes = Array(text.utf8)
+        var text = text
+        return text.withUTF8 { parseHex(UnsafeRawBufferPointer($0)) }
+    }
+
+    /// Parses exactly 64 lowercase hex digits.
+    public static func parseHex(_ bytes: UnsafeRawBufferPointer) -> (UInt64, UInt64, UInt64, UInt64)? {
         guard bytes.count == 64 else { return nil }
-        var words: [UInt64] = [0, 0, 0, 0]
-        for (index, byte) in bytes.enumerated() {
-            let digit: UInt64
-            switch byte {
-            case 0x30...0x39: digit = UInt64(byte - 0x30)
-            case 0x61...0x66: digit = UInt64(byte - 0x61 + 10)
-            default: return nil
+        var words: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+        func word(_ start: Int) -> UInt64? {
+            var value: UInt64 = 0
+            for index in start..<(start + 16) {
+                let byte = bytes[index]
+                let digit: UInt8
+                switch byte {
+                case 0x30...0x39: digit = byte &- 0x30
+                case 0x61...0x66: digit = byte &- 0x61 &+ 10
+                default: return nil
+                }
+                value = value << 4 | UInt64(digit)
             }
-            words[index / 16] = words[index / 16] << 4 | digit
+            return value
         }
-        return (words[0], words[1], words[2], words[3])
+        guard let w0 = word(0), let w1 = word(16), let w2 = word(32), let w3 = word(48) else { return nil }
+        words = (w0, w1, w2, w3)
+        return words
     }
 }
 

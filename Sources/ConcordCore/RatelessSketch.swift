@@ -3,16 +3,46 @@
 /// similar set recover the difference, for any m. About 1.35 symbols per differing
 /// element suffice once the difference is more than a few dozen.
 
-/// One coded symbol: the XOR of the elements mapped to it, the XOR of their checksums and
+/// What a sketch holds of an ``Element``: its key hash and the first 64 bits of its content
+/// hash. Sixteen bytes name the record (by key hash) and tell two versions of it apart, while
+/// a coded symbol on the wire shrinks from 41 to 25 bytes against carrying the whole element.
+/// A peeled item whose content hash collides with another version's (2^-64) is caught by the
+/// digest check that follows every repair.
+public struct SketchItem: Sendable, Hashable {
+    public var keyHash: UInt64
+    public var contentHash: UInt64
+
+    public static let zero = SketchItem(keyHash: 0, contentHash: 0)
+
+    public init(keyHash: UInt64, contentHash: UInt64) {
+        self.keyHash = keyHash
+        self.contentHash = contentHash
+    }
+
+    @inline(__always)
+    public init(_ element: Element) {
+        keyHash = element.words.0
+        contentHash = element.words.1
+    }
+
+    public var isZero: Bool { keyHash == 0 && contentHash == 0 }
+
+    @inline(__always)
+    static func xor(_ a: SketchItem, _ b: SketchItem) -> SketchItem {
+        SketchItem(keyHash: a.keyHash ^ b.keyHash, contentHash: a.contentHash ^ b.contentHash)
+    }
+}
+
+/// One coded symbol: the XOR of the items mapped to it, the XOR of their checksums and
 /// their number (a difference of counts once a peer's symbol is subtracted).
 public struct CodedSymbol: Sendable, Hashable {
-    public var sum: Element
+    public var sum: SketchItem
     public var checksum: UInt64
     public var count: Int64
 
     public static let empty = CodedSymbol(sum: .zero, checksum: 0, count: 0)
 
-    public init(sum: Element, checksum: UInt64, count: Int64) {
+    public init(sum: SketchItem, checksum: UInt64, count: Int64) {
         self.sum = sum
         self.checksum = checksum
         self.count = count
@@ -20,30 +50,26 @@ public struct CodedSymbol: Sendable, Hashable {
 
     public var isEmpty: Bool { count == 0 && checksum == 0 && sum.isZero }
 
-    /// Adds (`direction` +1) or removes (-1) `element`, whose checksum is `checksum`.
+    /// Adds (`direction` +1) or removes (-1) `item`, whose checksum is `checksum`.
     @inline(__always)
-    public mutating func apply(_ element: Element, checksum: UInt64, direction: Int64) {
-        sum = Element.xor(sum, element)
+    public mutating func apply(_ item: SketchItem, checksum: UInt64, direction: Int64) {
+        sum = SketchItem.xor(sum, item)
         self.checksum ^= checksum
         count += direction
     }
 
     /// This symbol minus `other` (XOR the sums and checksums, subtract the counts).
     public func subtracting(_ other: CodedSymbol) -> CodedSymbol {
-        CodedSymbol(sum: Element.xor(sum, other.sum), checksum: checksum ^ other.checksum, count: count - other.count)
+        CodedSymbol(
+            sum: SketchItem.xor(sum, other.sum), checksum: checksum ^ other.checksum, count: count - other.count)
     }
 }
 
 public enum RatelessMapping {
-    /// A 64-bit hash of an element, independent of its bits as they are XORed into sums.
+    /// A 64-bit hash of an item, independent of its bits as they are XORed into sums.
     @inline(__always)
-    public static func checksum(_ element: Element) -> UInt64 {
-        var hash: UInt64 = 0x243F_6A88_85A3_08D3
-        hash = mix(hash ^ element.words.0)
-        hash = mix(hash ^ element.words.1)
-        hash = mix(hash ^ element.words.2)
-        hash = mix(hash ^ element.words.3)
-        return hash
+    public static func checksum(_ item: SketchItem) -> UInt64 {
+        mix(mix(0x243F_6A88_85A3_08D3 ^ item.keyHash) ^ item.contentHash)
     }
 
     @inline(__always)
@@ -87,12 +113,14 @@ public struct RatelessSketch: Sendable {
         symbols = Array(repeating: .empty, count: capacity)
     }
 
-    public mutating func add(_ element: Element) { apply(element, direction: 1) }
-    public mutating func remove(_ element: Element) { apply(element, direction: -1) }
+    public mutating func add(_ element: Element) { apply(SketchItem(element), direction: 1) }
+    public mutating func remove(_ element: Element) { apply(SketchItem(element), direction: -1) }
 
     /// Removes `old` and adds `new` in one pass: the two index chains are independent, so
     /// the processor overlaps their arithmetic. This is what a change costs.
     public mutating func replace(_ old: Element, with new: Element) {
+        let old = SketchItem(old)
+        let new = SketchItem(new)
         let oldChecksum = RatelessMapping.checksum(old)
         let newChecksum = RatelessMapping.checksum(new)
         var oldIndices = RatelessMapping.Indices(checksum: oldChecksum)
@@ -115,7 +143,7 @@ public struct RatelessSketch: Sendable {
     }
 
     @inline(__always)
-    mutating func apply(_ element: Element, direction: Int64) {
+    mutating func apply(_ element: SketchItem, direction: Int64) {
         let checksum = RatelessMapping.checksum(element)
         var indices = RatelessMapping.Indices(checksum: checksum)
         var index: UInt64 = 0
@@ -127,8 +155,8 @@ public struct RatelessSketch: Sendable {
         }
     }
 
-    /// Symbols `range` of a set, computed from its elements (for symbols past the kept capacity).
-    public static func symbols<Elements: Sequence<Element>>(of elements: Elements, range: Range<Int>) -> [CodedSymbol] {
+    /// Symbols `range` of a set, computed from its items (for symbols past the kept capacity).
+    public static func symbols<Items: Sequence<SketchItem>>(of elements: Items, range: Range<Int>) -> [CodedSymbol] {
         var symbols = Array(repeating: CodedSymbol.empty, count: range.count)
         for element in elements {
             let checksum = RatelessMapping.checksum(element)
@@ -148,16 +176,16 @@ public struct RatelessSketch: Sendable {
 /// Recovers the difference between a remote set and the local one from the remote set's
 /// coded symbols, received in order, minus the local set's symbols at the same indices.
 public struct RatelessDecoder: Sendable {
-    /// Elements only the remote set holds, and elements only the local set holds.
-    public private(set) var remoteOnly: [Element] = []
-    public private(set) var localOnly: [Element] = []
+    /// Items only the remote set holds, and items only the local set holds.
+    public private(set) var remoteOnly: [SketchItem] = []
+    public private(set) var localOnly: [SketchItem] = []
 
     private var differences: [CodedSymbol] = []
     private var pure: [Int] = []
     private var decodedRemainders = 0
 
     private struct Decoded {
-        var element: Element
+        var element: SketchItem
         var checksum: UInt64
         var direction: Int64
         var indices: RatelessMapping.Indices

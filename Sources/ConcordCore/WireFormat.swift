@@ -28,7 +28,7 @@ public enum WireFormat {
             appendOperation(collection: change.collection, key: change.key, value: change.value, to: &writer)
             if includeBefore, let before = change.before {
                 writer.raw(",\"before\":\"")
-                writer.raw(before.description)
+                Element.appendHex(before.words, to: &writer.bytes)
                 writer.raw("\"")
             }
         case .skip(let from, let through, _):
@@ -125,10 +125,18 @@ public enum WireFormat {
             case "value": value = String(decoding: scanner.bytes[member.range], as: UTF8.self)
             case "commit": isCommit = try scanner.decodeBool(member)
             case "before":
-                guard let element = Element(hex: try scanner.decodeString(member)) else {
+                // 64 hex digits between the quotes: no escapes to decode.
+                let range = member.range
+                let words = scanner.bytes.withUnsafeBytes { bytes in
+                    member.kind == .string && range.count == 66
+                        ? Element.parseHex(
+                            UnsafeRawBufferPointer(rebasing: bytes[(range.lowerBound + 1)..<(range.upperBound - 1)]))
+                        : nil
+                }
+                guard let words else {
                     throw ConcordError(.protocolViolation, "\"before\" must be 64 hex digits")
                 }
-                before = element
+                before = Element(words: words)
             default: break  // unknown members are for newer readers
             }
         }

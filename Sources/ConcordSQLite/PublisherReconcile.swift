@@ -79,8 +79,9 @@ extension PublisherStore {
         }
     }
 
-    /// Coded symbols `range` of `collection` at `lsn`. Symbols past the kept capacity take a
-    /// scan of the collection; a reconciliation that needs them is large.
+    /// Coded symbols `range` of `collection` at `lsn`. Symbols past the kept capacity are
+    /// computed from the collection's items at `lsn`, read by one scan and kept for the next
+    /// batches of the same reconciliation; a reconciliation that needs them is large.
     public func symbols(of collection: String, at lsn: LSN, range: Range<Int>) async throws -> [CodedSymbol] {
         guard range.lowerBound >= 0, range.count <= 1 << 20 else {
             throw ConcordError(.invalidRequest, "symbol range must start at 0 or later and hold at most 2^20 symbols")
@@ -88,24 +89,31 @@ extension PublisherStore {
         if range.upperBound <= configuration.sketchCapacity {
             return Array(try await sketch(of: collection, at: lsn).symbols[range])
         }
-        return try await pool.read { db in
+        let key = RewoundKey(collection: collection, lsn: lsn)
+        if let items = scannedItems.withLock({ $0?.key == key ? $0?.items : nil }) {
+            return RatelessSketch.symbols(of: items, range: range)
+        }
+        let items = try await pool.read { db -> [SketchItem] in
             let head = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
             guard lsn <= head else { throw ConcordError(.beyondHead, "lsn=\(lsn) is beyond the head LSN \(head)") }
-            var elements: [Element] = []
+            var items: [SketchItem] = []
             let rows = try Row.fetchCursor(
                 db, sql: "SELECT key, version, value FROM concord_records WHERE collection = ?",
                 arguments: [collection])
             while let row = try rows.next() {
-                elements.append(
-                    Element(collection: collection, key: row[0], version: LSN(row[1] as Int64), value: row[2]))
+                items.append(
+                    SketchItem(
+                        Element(collection: collection, key: row[0], version: LSN(row[1] as Int64), value: row[2])))
             }
-            var removed = Set<Element>()
+            var removed = Set<SketchItem>()
             try Self.forEachLogged(collection, after: lsn, through: head, in: db) { before, after in
-                if let after { removed.insert(after) }
-                if let before { elements.append(before) }
+                if let after { removed.insert(SketchItem(after)) }
+                if let before { items.append(SketchItem(before)) }
             }
-            return RatelessSketch.symbols(of: elements.lazy.filter { !removed.contains($0) }, range: range)
+            return removed.isEmpty ? items : items.filter { !removed.contains($0) }
         }
+        scannedItems.withLock { $0 = (key, items) }
+        return RatelessSketch.symbols(of: items, range: range)
     }
 
     // MARK: Lookup

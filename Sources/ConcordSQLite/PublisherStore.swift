@@ -46,6 +46,8 @@ public final class PublisherStore: Sendable {
     let sketches: Mutex<SketchSet?>
     /// Sketches rewound to recent LSNs, so the batches of one reconciliation cost one rewind.
     let rewound = Mutex<[RewoundKey: RatelessSketch]>([:])
+    /// The items of one collection at one LSN, for symbols past the kept capacity.
+    let scannedItems = Mutex<(key: RewoundKey, items: [SketchItem])?>(nil)
     /// When the last checkpoint was recorded (monotonic), for the time-based policy.
     let lastCheckpoint = Mutex<ContinuousClock.Instant>(.now)
 

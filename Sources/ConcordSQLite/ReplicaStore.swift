@@ -44,6 +44,10 @@ public final class ReplicaStore: Sendable {
         /// Records the LSN of every change applied in `concord_applied`, so tests can
         /// prove that no change was applied twice. Off by default.
         public var auditAppliedChanges = false
+        /// Keeps each collection's digest and sketch in the apply transaction (default). Off
+        /// only to measure what proof costs: the digests are then marked unknown, so nothing is
+        /// verified against them until they are rebuilt by a scan.
+        public var tracksDigests = true
         public init() {}
     }
 
@@ -109,7 +113,7 @@ public final class ReplicaStore: Sendable {
     }
 
     /// Each collection's first coded symbols as the replica holds them; `nil` until built by a scan.
-    let sketches = Mutex<SketchSet?>(nil)
+    let sketches = KeptSketches()
 
     // MARK: State
 
@@ -227,7 +231,12 @@ public final class ReplicaStore: Sendable {
                     }
                 }
                 var applier = try Applier(db: db, mode: mode, keepTombstones: keepTombstones, collections: touched)
-                var digests = try DigestTracker(db: db, collections: touched, exactFromDisk: mode == .merge)
+                var digests = try DigestTracker(
+                    db: db, collections: configuration.tracksDigests ? touched : [], exactFromDisk: mode == .merge)
+                if !configuration.tracksDigests, !touched.isEmpty {
+                    try DigestTracker.invalidate(Array(touched), in: db)
+                    self.sketches.invalidate()
+                }
                 var applied = 0
                 for item in items {
                     guard case .change(let change) = item else { continue }
@@ -256,7 +265,7 @@ public final class ReplicaStore: Sendable {
                     arguments: [Int64(through), applied, Int64(through), Date().timeIntervalSince1970])
             }
         } catch {
-            sketches.withLock { $0 = nil }
+            sketches.invalidate()
             throw ConcordError.storage(error, "cannot apply changes")
         }
     }
@@ -271,7 +280,7 @@ public final class ReplicaStore: Sendable {
                 guard state.progress.remaining[page.collection] != nil else { return }  // already complete
                 var applier = try Applier(db: db, mode: .merge, keepTombstones: true, collections: [page.collection])
                 try DigestTracker.invalidate([page.collection], in: db)
-                self.sketches.withLock { $0 = nil }
+                self.sketches.invalidate()
                 if try Bool.fetchOne(
                     db, sql: "SELECT sweep FROM concord_bootstrap WHERE collection = ?", arguments: [page.collection])
                     ?? false

@@ -55,7 +55,7 @@ struct DigestTracker {
     static func element(of collection: String, key: String, in db: Database) throws -> Element? {
         guard
             let row = try Row.fetchOne(
-                db, sql: "SELECT version, value FROM \(SQLiteOpener.quote(collection)) WHERE key = ?",
+                db.cachedStatement(sql: "SELECT version, value FROM \(SQLiteOpener.quote(collection)) WHERE key = ?"),
                 arguments: [key])
         else { return nil }
         return Element(collection: collection, key: key, version: LSN(row[0] as Int64), value: row[1])
@@ -101,12 +101,9 @@ public enum CheckpointOutcome: Sendable, Equatable {
 extension ReplicaStore {
     public static let sketchCapacity = 4096
 
-    /// Applies element changes to the in-memory sketches (no-op while they are not built).
+    /// Queues element changes for the in-memory sketches (dropped while they are not built).
     func updateSketches(_ changes: [PublisherStore.ElementChange]) {
-        guard !changes.isEmpty else { return }
-        sketches.withLock { set in
-            for change in changes { set?.apply(change.collection, before: change.before, after: change.after) }
-        }
+        sketches.queue(changes)
     }
 
     /// Hashes every stored row of `collection`.
@@ -125,12 +122,32 @@ extension ReplicaStore {
         return ScannedCollection(collection: collection, digest: digest, sketch: sketch)
     }
 
+    /// The sketch items of `collection`'s stored rows, for coded symbols past the kept capacity.
+    public func sketchItems(of collection: String) async throws -> [SketchItem] {
+        try await pool.read { db in
+            guard try db.tableExists(collection) else { return [] }
+            var items: [SketchItem] = []
+            let select = RawStatement(
+                try db.cachedStatement(sql: "SELECT key, version, value FROM \(SQLiteOpener.quote(collection))"),
+                in: db)
+            defer { select.reset() }
+            while try select.step() {
+                items.append(
+                    SketchItem(
+                        Element(
+                            collection: collection, key: select.text(0), version: LSN(select.int64(1)),
+                            value: select.text(2))))
+            }
+            return items
+        }
+    }
+
     /// Whether every digest is valid and the sketches are built.
     public func digestsReady() throws -> Bool {
         let invalid = try pool.read { db in
             try Int.fetchOne(db, sql: "SELECT count(*) FROM concord_collections WHERE digest_valid = 0") ?? 0
         }
-        return invalid == 0 && sketches.withLock { $0 != nil }
+        return invalid == 0 && sketches.isBuilt
     }
 
     /// Rebuilds digests and sketches from the stored rows where they are not known; call it
@@ -145,7 +162,7 @@ extension ReplicaStore {
                     sql: "UPDATE concord_collections SET count = ?, digest = ?, digest_valid = 1 WHERE name = ?",
                     arguments: [scanned.digest.count, scanned.digest.sumHex, name])
             }
-            self.sketches.withLock { $0 = set }
+            self.sketches.install(set)
         }
     }
 
@@ -162,7 +179,7 @@ extension ReplicaStore {
 
     /// The replica's kept sketch of `collection`, or one from a scan when none is kept.
     public func sketch(of collection: String) async throws -> RatelessSketch {
-        if let kept = sketches.withLock({ $0?.sketch(of: collection) }) { return kept }
+        if let kept = sketches.sketch(of: collection) { return kept }
         return try await pool.read { db in
             guard try db.tableExists(collection) else { return RatelessSketch(capacity: Self.sketchCapacity) }
             return try Self.scan(collection, in: db).sketch
@@ -222,7 +239,7 @@ extension ReplicaStore {
             if countingMismatch {
                 try db.execute(sql: "UPDATE concord_state SET mismatches = mismatches + 1 WHERE id = 1")
             }
-            self.sketches.withLock { $0?.set(scanned.collection, scanned.sketch) }
+            self.sketches.replace(scanned.collection, by: scanned.sketch)
         }
     }
 
@@ -259,13 +276,15 @@ extension ReplicaStore {
             try Self.createTable(collection, in: db)
             var tracker = try DigestTracker(db: db, collections: [collection], exactFromDisk: true)
             let table = SQLiteOpener.quote(collection)
+            let upsert = try db.cachedStatement(
+                sql: """
+                    INSERT INTO \(table) (key, version, value) VALUES (?, ?, ?)
+                    ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value
+                    """)
+            let delete = try db.cachedStatement(sql: "DELETE FROM \(table) WHERE key = ?")
             for record in records {
                 let before = try DigestTracker.element(of: collection, key: record.key, in: db)
-                try db.execute(
-                    sql: """
-                        INSERT INTO \(table) (key, version, value) VALUES (?, ?, ?)
-                        ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value
-                        """, arguments: [record.key, Int64(record.version), record.value])
+                try upsert.execute(arguments: [record.key, Int64(record.version), record.value])
                 tracker.record(
                     collection, before: before,
                     after: Element(
@@ -273,7 +292,7 @@ extension ReplicaStore {
             }
             for key in keys {
                 let before = try DigestTracker.element(of: collection, key: key, in: db)
-                try db.execute(sql: "DELETE FROM \(table) WHERE key = ?", arguments: [key])
+                try delete.execute(arguments: [key])
                 tracker.record(collection, before: before, after: nil)
             }
             try tracker.save()
@@ -309,7 +328,7 @@ extension ReplicaStore {
                     UPDATE concord_state SET phase = 'bootstrapping' WHERE id = 1;
                     """, arguments: [collection])
             try DigestTracker.invalidate([collection], in: db)
-            self.sketches.withLock { $0 = nil }
+            self.sketches.invalidate()
         }
     }
 

@@ -101,6 +101,8 @@ public struct PublisherMaintenance: Service {
                         if dropped > 0 { logger.info("pruned the log", metadata: ["changes": "\(dropped)"]) }
                     }
                 } catch {
+                    // Shutdown cancels the work in flight; that is no failure.
+                    if Task.isCancelled || error is CancellationError { return }
                     logger.warning("maintenance failed", metadata: ["error": "\(error)"])
                 }
             }
@@ -302,7 +304,7 @@ struct API: Sendable {
     }
 
     /// `POST /v1/collections/{c}/lookup` with a body of 8-byte big-endian key hashes: the
-    /// current records with those key hashes, as a snapshot page.
+    /// current records with those key hashes, binary (``RecordCodec``).
     func lookup(_ request: inout Request, collection: String) async throws -> Response {
         try CollectionName.validate(collection)
         let body = Array(buffer: try await request.collectBody(upTo: configuration.maxBodyBytes))
@@ -318,9 +320,9 @@ struct API: Sendable {
         }
         let page = try await store.records(of: collection, keyHashes: hashes)
         var headers = HTTPFields()
-        headers[.contentType] = "application/x-ndjson"
-        return Response(
-            status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: WireFormat.encode(page))))
+        headers[.contentType] = "application/octet-stream"
+        let bytes = RecordCodec.encode(lsn: page.lsn, records: page.records)
+        return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
     }
 
     func page(_ request: Request, collection: String) async throws -> Response {

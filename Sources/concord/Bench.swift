@@ -75,19 +75,46 @@ struct Bench: AsyncParsableCommand {
 
     // MARK: Streaming apply
 
+    /// Streaming apply with verification (digests, sketches, checkpoint comparison) and, in
+    /// the same run, without it, to show what proof costs.
     func streamBenchmark(folder: URL, logger: Logger, results: inout [String: Double]) async throws {
+        var verified: [String: Double] = [:]
+        try await streamBenchmark(folder: folder, logger: logger, verification: true, results: &verified)
+        var plain: [String: Double] = [:]
+        try await streamBenchmark(folder: folder, logger: logger, verification: false, results: &plain)
+        results.merge(verified) { $1 }
+        for (key, value) in plain { results[key + "_no_verification"] = value }
+        for (name, key) in [("catch-up", "stream_catchup_per_s"), ("live end to end", "stream_live_end_to_end_per_s")] {
+            let ratio = verified[key]! / plain[key]!
+            results[key + "_verification_ratio"] = ratio
+            say(
+                String(
+                    format: "  %@ with verification at %.1f%% of the same run without it (goal: at least 90%%)",
+                    name, 100 * ratio))
+        }
+    }
+
+    func streamBenchmark(
+        folder: URL, logger: Logger, verification: Bool, results: inout [String: Double]
+    ) async throws {
         let count = changes
-        let store = try Self.source(in: folder, named: "stream-source")
-        say("stream: \(count) records of 200-byte values, then \(count) updates twice")
+        let suffix = verification ? "" : "-plain"
+        let store = try Self.source(in: folder, named: "stream-source\(suffix)")
+        say(
+            "stream \(verification ? "with" : "without") verification: \(count) records of 200-byte values, "
+                + "then \(count) updates twice")
         try await Self.load(store, count: count, size: 200, revision: 0)
-        let replicaPath = folder.appendingPathComponent("stream-replica.sqlite").path
+        let replicaPath = folder.appendingPathComponent("stream-replica\(suffix).sqlite").path
         let report = try await PublisherServer.withRunningServer(
             store: store, configuration: Self.server, logger: logger
         ) { url in
-            let child = try FollowProcess(source: url, db: replicaPath)
+            let child = try FollowProcess(
+                source: url, db: replicaPath, arguments: verification ? [] : ["--no-verification"])
             defer { child.stop() }
+            // With verification, the digests are built (one scan) and verified before the clock starts.
             try await child.waitUntil(timeout: .seconds(300)) {
                 $0.progress.phase == .following && $0.position >= store.head
+                    && (!verification || $0.verifiedLSN >= store.head)
             }
             var report: [String: Double] = [:]
 
@@ -286,11 +313,11 @@ final class FollowProcess: @unchecked Sendable {
     let process = Process()
     let store: ReplicaStore
 
-    init(source: String, db: String) throws {
+    init(source: String, db: String, arguments: [String] = []) throws {
         store = try ReplicaStore(path: db)
         process.executableURL = URL(
             fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
-        process.arguments = ["follow", "--source", source, "--db", db, "--log-level", "warning"]
+        process.arguments = ["follow", "--source", source, "--db", db, "--log-level", "warning"] + arguments
         try process.run()
     }
 

@@ -33,6 +33,13 @@ struct Follow: AsyncParsableCommand {
             "Re-hash the stored rows and repair rows changed behind Concord's back every this many seconds (0: never).")
     var scrubIntervalSeconds = 3600
 
+    @Flag(
+        help: """
+            Apply without digests, checkpoint comparison or scrub. Only to measure what proof \
+            costs: such a replica is never verified.
+            """)
+    var noVerification = false
+
     @Flag(help: .hidden)
     var auditApplied = false
 
@@ -49,6 +56,7 @@ struct Follow: AsyncParsableCommand {
         }
         var storeConfiguration = ReplicaStore.Configuration()
         storeConfiguration.auditAppliedChanges = auditApplied
+        storeConfiguration.tracksDigests = !noVerification
         let store = try ReplicaStore(path: db, configuration: storeConfiguration)
         if let state = try store.state(), let filter, Set(filter) != Set(state.collections ?? []) {
             throw ValidationError(
@@ -57,6 +65,7 @@ struct Follow: AsyncParsableCommand {
         }
         var configuration = Subscriber.Configuration(source: source, collections: filter)
         configuration.pageSize = pageSize
+        configuration.verification = !noVerification
         configuration.scrubInterval = scrubIntervalSeconds > 0 ? .seconds(scrubIntervalSeconds) : nil
         let http = SourceClient.makeHTTPClient()
         let subscriber = Subscriber(configuration: configuration, store: store, http: http, logger: logger)

@@ -203,6 +203,40 @@ struct VerificationTests {
         #expect(state.repairedRecords == 52, "the 52 changed records moved, not 5000")
     }
 
+    /// 2,000 of 16,000 records stale need about 5,400 coded symbols: past the 4,096 both
+    /// sides keep, so both compute the rest from their rows, and still only what changed moves.
+    @Test func aDifferencePastTheKeptSymbolsIsStillReconciledRecordByRecord() async throws {
+        let folder = Harness.folder()
+        let source = try Self.sourceStore(folder, retainChanges: 100)
+        try await Self.fill(source, records: 16_000)
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        try await PublisherServer.withRunningServer(store: source, configuration: .testing, logger: Harness.logger) {
+            url in
+            try await Self.withSubscriber(url: url, replica: replica) {
+                try await Self.waitVerified(replica, source: source)
+            }
+            for start in stride(from: 0, to: 16_000, by: 4000) {
+                try await source.write(
+                    stride(from: start, to: start + 4000, by: 8).map { .upsert("items", "k\($0)", json: "{\"v\":-1}") })
+            }
+            try await source.pruneLog()
+            let local = try await replica.sketch(of: "items")
+            let http = SourceClient.makeHTTPClient()
+            let reconciler = Reconciler(client: SourceClient(baseURL: url, http: http), logger: Harness.logger)
+            let report = try await reconciler.reconcile(
+                "items", at: source.head, local: local, store: replica, repair: true)
+            try await http.shutdown()
+            #expect(report.symbols > ReplicaStore.sketchCapacity && !report.tooLarge)
+            #expect(report.stale.count == 2000 && report.missing.isEmpty && report.extra.isEmpty)
+            try await replica.jump(to: source.head)
+            try await Self.withSubscriber(url: url, replica: replica) {
+                try await Self.waitVerified(replica, source: source)
+            }
+        }
+        #expect(try await Harness.differences(source: source, replica: replica).isEmpty)
+        #expect(try #require(try replica.state()).repairedRecords == 2000, "2,000 records moved, not 16,000")
+    }
+
     @Test func aReplicaRestoredFromAnOldCopyOfItsFileEndsEqual() async throws {
         let folder = Harness.folder()
         let source = try Self.sourceStore(folder, retainChanges: 100)
