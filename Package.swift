@@ -34,10 +34,12 @@ let package = Package(
             dependencies: ["CConcordHash"],
             swiftSettings: settings
         ),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .target(
             name: "ConcordSQLite",
             dependencies: [
                 "ConcordCore",
+                "CZlib",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "GRDBSQLite", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 dpkg -s libsqlite3-dev >/dev/null 2>&1 || need+=(libsqlite3-dev)
+dpkg -s zlib1g-dev >/dev/null 2>&1 || need+=(zlib1g-dev)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
     if [ "$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q "${need[@]}"

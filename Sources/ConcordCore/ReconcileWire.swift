@@ -70,7 +70,7 @@ public enum RecordCodec {
         return (lsn, records)
     }
 
-    static func text(_ bytes: [UInt8], _ offset: inout Int, what: String) throws(ConcordError) -> String {
+    public static func text(_ bytes: [UInt8], _ offset: inout Int, what: String) throws(ConcordError) -> String {
         let length = try BinaryWire.readVarint(bytes, &offset)
         guard length <= UInt64(bytes.count - offset) else {
             throw ConcordError(.protocolViolation, "truncated \(what) at byte \(offset)")

@@ -16,7 +16,7 @@ struct Bench: AsyncParsableCommand {
             rows initially in 5.05 s.
             """)
 
-    @Argument(help: "What to measure: stream, bootstrap, upkeep, reconcile or all.")
+    @Argument(help: "What to measure: stream, bootstrap, upkeep, reconcile, export or all.")
     var what: String = "all"
 
     @Option(help: "Changes per streaming phase.")
@@ -42,8 +42,8 @@ struct Bench: AsyncParsableCommand {
 
     func run() async throws {
         let logger = global.bootstrapLogging(label: "concord.bench")
-        guard ["stream", "bootstrap", "upkeep", "reconcile", "all"].contains(what) else {
-            throw ValidationError("measure stream, bootstrap, upkeep, reconcile or all")
+        guard ["stream", "bootstrap", "upkeep", "reconcile", "export", "all"].contains(what) else {
+            throw ValidationError("measure stream, bootstrap, upkeep, reconcile, export or all")
         }
         let folder = FileManager.default.temporaryDirectory.appendingPathComponent("concord-bench-\(getpid())")
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
@@ -60,6 +60,9 @@ struct Bench: AsyncParsableCommand {
         }
         if what == "reconcile" || what == "all" {
             try await reconcileBenchmark(folder: folder, logger: logger, results: &results)
+        }
+        if what == "export" || what == "all" {
+            try await exportBenchmark(folder: folder, logger: logger, results: &results)
         }
         if output.json {
             let data = try JSONSerialization.data(withJSONObject: results, options: [.prettyPrinted, .sortedKeys])

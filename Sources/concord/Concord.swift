@@ -7,7 +7,10 @@ struct Concord: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "concord",
         abstract: "Keeps replicas of a service's data exactly in sync with the service that owns it.",
-        subcommands: [Serve.self, Follow.self, Status.self, Verify.self, Diff.self, Demo.self, Bench.self]
+        subcommands: [
+            Serve.self, Follow.self, Status.self, Verify.self, Diff.self, Export.self, Import.self, Demo.self,
+            Bench.self,
+        ]
     )
 }
 

@@ -90,6 +90,12 @@ final class ConcordProcess: @unchecked Sendable {
 
     var isRunning: Bool { process.isRunning }
 
+    /// Waits for the process to exit on its own and returns its status.
+    func exitStatus(timeout: Duration = .seconds(120)) async throws -> Int32 {
+        try await Harness.waitUntil("concord exits", timeout: timeout) { !self.process.isRunning }
+        return process.terminationStatus
+    }
+
     func kill9() {
         kill(process.processIdentifier, SIGKILL)
         process.waitUntilExit()
