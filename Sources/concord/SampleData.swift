@@ -1,20 +1,5 @@
 import ConcordCore
 
-/// Deterministic pseudo-random numbers (SplitMix64), so a seed replays the same workload.
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// Rows shaped like the peer benchmarks' (`shared/bench/peer_setup.sql`): JSON objects of a chosen size.
 enum SampleData {
     private static let hexDigits = Array("0123456789abcdef".utf8)

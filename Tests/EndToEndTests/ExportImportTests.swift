@@ -67,7 +67,7 @@ struct ExportImportTests {
         try ReplicaStore.importSnapshot(from: file, to: intact)
         #expect(try ReplicaStore(path: intact).records(of: "items").count == 2000)
 
-        var generator = SeededTestGenerator(seed: 42)
+        var generator = SeededGenerator(seed: 42)
         let corrupt = folder.appendingPathComponent("corrupt.concord").path
         let target = folder.appendingPathComponent("target.sqlite").path
         for round in 0..<200 {
@@ -110,18 +110,5 @@ struct ExportImportTests {
         #expect(try await again.exitStatus() == 0)
         #expect(try ReplicaStore(path: target).records(of: "items").count == 300_000)
         #expect(!FileManager.default.fileExists(atPath: target + ".importing"))
-    }
-}
-
-/// A deterministic generator, so a failing corruption round can be replayed.
-struct SeededTestGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
