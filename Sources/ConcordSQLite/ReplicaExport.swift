@@ -106,17 +106,9 @@ extension ReplicaStore {
         do {
             let store = try ReplicaStore(path: building)
             try store.pool.write { db in
-                try db.execute(
-                    sql: """
-                        INSERT INTO concord_state (id, feed_id, source, position, phase, horizon, collections,
-                            source_head, updated_at)
-                        VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)
-                        """,
-                    arguments: [
-                        header.feedID, header.source, Int64(header.lsn), BootstrapProgress.Phase.following.rawValue,
-                        Int64(header.lsn), header.filter?.joined(separator: ","), Int64(header.lsn),
-                        Date().timeIntervalSince1970,
-                    ])
+                try insertState(
+                    feedID: header.feedID, source: header.source, position: header.lsn, phase: .following,
+                    filter: header.filter, in: db)
                 for collection in header.collections { try createTable(collection.name, in: db) }
                 let inserts = try header.collections.map { collection in
                     RawStatement(

@@ -153,16 +153,8 @@ public final class ReplicaStore: Sendable {
             return try await pool.write { db in
                 if let existing = try Self.readState(db) { return existing }
                 let progress = BootstrapProgress.starting(collections: collections, at: head)
-                try db.execute(
-                    sql: """
-                        INSERT INTO concord_state (id, feed_id, source, position, phase, horizon, collections,
-                            source_head, updated_at)
-                        VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)
-                        """,
-                    arguments: [
-                        feedID, source, Int64(head), progress.phase.rawValue, Int64(head),
-                        filter?.joined(separator: ","), Int64(head), Date().timeIntervalSince1970,
-                    ])
+                try Self.insertState(
+                    feedID: feedID, source: source, position: head, phase: progress.phase, filter: filter, in: db)
                 for collection in collections {
                     try Self.createTable(collection, in: db)
                     try db.execute(
@@ -174,6 +166,24 @@ public final class ReplicaStore: Sendable {
         } catch {
             throw ConcordError.storage(error, "cannot initialize replica")
         }
+    }
+
+    /// Writes a new replica's state row at `position`, which is also its horizon and the
+    /// source head it knows of.
+    static func insertState(
+        feedID: String, source: String, position: LSN, phase: BootstrapProgress.Phase, filter: [String]?,
+        in db: Database
+    ) throws {
+        try db.execute(
+            sql: """
+                INSERT INTO concord_state (id, feed_id, source, position, phase, horizon, collections,
+                    source_head, updated_at)
+                VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+            arguments: [
+                feedID, source, Int64(position), phase.rawValue, Int64(position), filter?.joined(separator: ","),
+                Int64(position), Date().timeIntervalSince1970,
+            ])
     }
 
     /// Records the source's head, for lag reporting.

@@ -313,11 +313,7 @@ struct API: Sendable {
         }
         var hashes: [UInt64] = []
         hashes.reserveCapacity(body.count / 8)
-        for offset in stride(from: 0, to: body.count, by: 8) {
-            var hash: UInt64 = 0
-            for index in offset..<(offset + 8) { hash = hash << 8 | UInt64(body[index]) }
-            hashes.append(hash)
-        }
+        for offset in stride(from: 0, to: body.count, by: 8) { hashes.append(BinaryWire.readWord(body, offset)) }
         let page = try await store.records(of: collection, keyHashes: hashes)
         var headers = HTTPFields()
         headers[.contentType] = "application/octet-stream"
