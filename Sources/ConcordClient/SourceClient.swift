@@ -4,6 +4,16 @@ import Foundation
 import Logging
 import NIOCore
 import NIOHTTP1
+import Synchronization
+
+/// Bytes received from a publisher, shared by the copies of one ``SourceClient``, so what
+/// a bootstrap, a refill or a reconciliation costs can be reported.
+public final class ByteCounter: Sendable {
+    private let total = Atomic<Int>(0)
+    public init() {}
+    public func add(_ bytes: Int) { total.add(bytes, ordering: .relaxed) }
+    public var value: Int { total.load(ordering: .relaxed) }
+}
 
 /// Calls a publisher's protocol v1 over HTTP.
 ///
@@ -22,6 +32,8 @@ public struct SourceClient: Sendable {
 
     public let baseURL: String
     public let configuration: Configuration
+    /// Response bytes received through this client (stream bodies are counted by their reader).
+    public let received = ByteCounter()
     let http: HTTPClient
 
     /// - Parameter baseURL: the publisher, e.g. `http://127.0.0.1:7070`.
@@ -164,6 +176,7 @@ public struct SourceClient: Sendable {
         } catch {
             throw ConcordError(.unavailable, "cannot reach \(baseURL): \(error)")
         }
+        received.add(body.readableBytes)
         guard response.status == .ok else {
             throw Self.failure(status: response.status, body: Array(buffer: body))
         }

@@ -30,6 +30,8 @@ public final class Subscriber: Service, Sendable {
         /// Keeps digests, compares checkpoints and scrubs (default). Off only to measure what
         /// proof costs; the store must then not track digests either.
         public var verification = true
+        /// Called as bootstrap pages are written: the collection, records copied and the source's count.
+        public var bootstrapProgress: (@Sendable (_ collection: String, _ copied: Int, _ total: Int) -> Void)?
 
         public init(source: String, collections: [String]? = nil) {
             self.source = source
@@ -62,6 +64,17 @@ public final class Subscriber: Service, Sendable {
     }
 
     public var activity: Activity { activityBox.value }
+
+    /// Bytes received from the publisher since this subscriber was made.
+    public var bytesReceived: Int { client.received.value }
+
+    /// Holes in the stream (messages lost on the wire) refilled by a pull, and the bytes those pulls took.
+    public var refills: (holes: Int, bytes: Int) { refillCounts.withLock { $0 } }
+    let refillCounts = Mutex<(holes: Int, bytes: Int)>((0, 0))
+
+    /// Bytes that reconciliations sent and received (symbols, lookups and the records repaired).
+    public var reconciliationBytes: Int { reconciledBytes.withLock { $0 } }
+    let reconciledBytes = Mutex(0)
 
     public func run() async throws {
         defer { activityBox.value = .stopped }
@@ -209,6 +222,7 @@ public final class Subscriber: Service, Sendable {
         activityBox.value = .repairing
         defer { activityBox.value = .following }
         let report = try await reconciler.reconcile(collection, at: lsn, local: local, store: store, repair: true)
+        reconciledBytes.withLock { $0 += report.totalBytes + report.recordBytes }
         logger.info(
             "reconciled",
             metadata: [
@@ -274,6 +288,7 @@ public final class Subscriber: Service, Sendable {
                     _ = try await pull(maxRounds: 1)
                 }
                 copied += current.records.count
+                configuration.bootstrapProgress?(collection, copied, max(total, copied))
                 let now = ContinuousClock.now
                 if now - lastReport >= .seconds(2) {
                     lastReport = now
@@ -281,7 +296,7 @@ public final class Subscriber: Service, Sendable {
                     let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
                     let rate = seconds > 0 ? Int(Double(copied) / seconds) : 0
                     let remaining = rate > 0 && total > copied ? (total - copied) / rate : 0
-                    logger.info(
+                    logger.debug(
                         "bootstrap progress",
                         metadata: [
                             "collection": "\(collection)", "copied": "\(copied)", "of": "\(total)",
@@ -340,6 +355,7 @@ public final class Subscriber: Service, Sendable {
         let bootstrapping = try store.state()?.progress.phase == .bootstrapping
         do {
             for try await chunk in response.body {
+                client.received.add(chunk.readableBytes)
                 lines.append(chunk.readableBytesView)
                 while let line = lines.nextRange() {
                     switch try WireFormat.parseStreamLine(lines.buffer, range: line) {
@@ -361,7 +377,10 @@ public final class Subscriber: Service, Sendable {
                             if let (items, through) = sequencer.takeComplete() {
                                 try await store.apply(items, through: through)
                             }
+                            let before = client.received.value
                             try await pull(until: received)
+                            let bytes = client.received.value - before
+                            refillCounts.withLock { $0 = ($0.holes + 1, $0.bytes + bytes) }
                             return
                         }
                     }

@@ -107,18 +107,24 @@ extension ReplicaStore {
     }
 
     /// Hashes every stored row of `collection`.
-    static func scan(_ collection: String, in db: Database) throws -> ScannedCollection {
+    static func scan(_ collection: String, in db: Database, progress: ((Int) -> Void)? = nil) throws
+        -> ScannedCollection
+    {
         var digest = CollectionDigest.empty
         var sketch = RatelessSketch(capacity: sketchCapacity)
         let select = RawStatement(
             try db.cachedStatement(sql: "SELECT key, version, value FROM \(SQLiteOpener.quote(collection))"), in: db)
         defer { select.reset() }
+        var rows = 0
         while try select.step() {
             let element = Element(
                 collection: collection, key: select.text(0), version: LSN(select.int64(1)), value: select.text(2))
             digest.add(element)
             sketch.add(element)
+            rows += 1
+            if rows % 10_000 == 0 { progress?(10_000) }
         }
+        progress?(rows % 10_000)
         return ScannedCollection(collection: collection, digest: digest, sketch: sketch)
     }
 
@@ -350,11 +356,22 @@ extension ReplicaStore {
 
 extension ReplicaStore {
     /// Every collection's stored rows hashed, in one read transaction (so at one position).
-    public func scanAll() async throws -> [String: ScannedCollection] {
+    public func scanAll(progress: RecordProgress? = nil) async throws -> [String: ScannedCollection] {
         try await pool.read { db in
             var result: [String: ScannedCollection] = [:]
-            for name in try String.fetchAll(db, sql: "SELECT name FROM concord_collections") {
-                result[name] = try Self.scan(name, in: db)
+            let names = try String.fetchAll(db, sql: "SELECT name FROM concord_collections")
+            var total = 0
+            if progress != nil {
+                for name in names where try db.tableExists(name) {
+                    total += try Int.fetchOne(db, sql: "SELECT count(*) FROM \(SQLiteOpener.quote(name))") ?? 0
+                }
+            }
+            var done = 0
+            for name in names {
+                result[name] = try Self.scan(name, in: db) { rows in
+                    done += rows
+                    progress?(done, total)
+                }
             }
             return result
         }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import ConcordCore
 import Foundation
 import Logging
 
@@ -12,12 +13,102 @@ struct Concord: AsyncParsableCommand {
             Bench.self,
         ]
     )
+
+    /// Parses the command line with the options the environment and a config file add under it.
+    static func main() async {
+        let given = Array(CommandLine.arguments.dropFirst())
+        do {
+            await main(try OptionSourcesForCLI.arguments(given, environment: ProcessInfo.processInfo.environment))
+        } catch {
+            FileHandle.printError("error: \((error as? ConcordError)?.message ?? "\(error)")")
+            Foundation.exit(2)
+        }
+    }
+}
+
+/// Finds the command a command line names and the options it takes, so the environment and
+/// a config file can supply them (see ``OptionSources``).
+enum OptionSourcesForCLI {
+    /// Groups of options commands share, by type name, since a group's type is not reachable
+    /// from a mirror of the command.
+    static let groups: [String: any ParsableArguments.Type] = [
+        "\(GlobalOptions.self)": GlobalOptions.self, "\(OutputOptions.self)": OutputOptions.self,
+    ]
+
+    static func arguments(_ given: [String], environment: [String: String]) throws -> [String] {
+        var command: any ParsableCommand.Type = Concord.self
+        var path = 0
+        while path < given.count,
+            let next = command.configuration.subcommands.first(where: { $0._commandName == given[path] })
+        {
+            command = next
+            path += 1
+        }
+        guard command != Concord.self else { return given }
+        let options = self.options(of: command)
+        let configPath = value(of: "config", in: given) ?? environment[OptionSources.configEnvironmentName]
+        let file = try configPath.map { path in
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+                throw ConcordError(.invalidConfiguration, "cannot read the config file \(path)")
+            }
+            return try ConfigFile.parse(text, path: path)
+        }
+        let added = try OptionSources.arguments(
+            command: command._commandName, options: options, given: Array(given[path...]),
+            environment: environment, file: file, everyCommand: file == nil ? nil : everyCommand())
+        return Array(given[..<path]) + added + Array(given[path...])
+    }
+
+    /// Every command's name and option names, by walking the command tree.
+    static func everyCommand() -> [String: Set<String>] {
+        var result: [String: Set<String>] = [:]
+        var pending: [any ParsableCommand.Type] = Concord.configuration.subcommands
+        while let command = pending.popLast() {
+            result[command._commandName, default: []].formUnion(options(of: command).map(\.name))
+            pending += command.configuration.subcommands
+        }
+        return result
+    }
+
+    /// The named options and flags of a command, from a mirror of its default value.
+    static func options(of type: any ParsableArguments.Type) -> [OptionSources.Option] {
+        var options: [OptionSources.Option] = []
+        for child in Mirror(reflecting: type.init()).children {
+            guard let label = child.label, label.hasPrefix("_") else { continue }
+            let kind = "\(Swift.type(of: child.value))"
+            let name = OptionSources.optionName(property: String(label.dropFirst()))
+            if kind.hasPrefix("Option<") {
+                options.append(OptionSources.Option(name: name, isFlag: false))
+            } else if kind.hasPrefix("Flag<") {
+                options.append(OptionSources.Option(name: name, isFlag: true))
+            } else if kind.hasPrefix("OptionGroup<"), let group = groups[String(kind.dropFirst(12).dropLast())] {
+                options += self.options(of: group)
+            }
+        }
+        return options
+    }
+
+    static func value(of option: String, in given: [String]) -> String? {
+        for (index, argument) in given.enumerated() {
+            if argument == "--\(option)", index + 1 < given.count { return given[index + 1] }
+            if argument.hasPrefix("--\(option)=") { return String(argument.dropFirst(option.count + 3)) }
+        }
+        return nil
+    }
 }
 
 /// Options every command shares.
 struct GlobalOptions: ParsableArguments {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: String = ProcessInfo.processInfo.environment["CONCORD_LOG_LEVEL"] ?? "info"
+    var logLevel: String = "info"
+
+    @Option(
+        help: """
+            Read options from this file (also CONCORD_CONFIG): `key = value` lines, optionally under \
+            [command] sections. Every option --some-option can also be set by the environment variable \
+            CONCORD_SOME_OPTION. The command line wins over the environment, the environment over the file.
+            """)
+    var config: String?
 
     /// Sets up logging once for the process; returns the root logger.
     func bootstrapLogging(label: String) -> Logger {

@@ -24,6 +24,7 @@ struct Diff: AsyncParsableCommand {
     var maxKeys = 20
 
     @OptionGroup var output: OutputOptions
+    @OptionGroup var global: GlobalOptions
 
     func run() async throws {
         for path in [a, b] where !FileManager.default.fileExists(atPath: path) {

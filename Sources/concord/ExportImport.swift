@@ -92,24 +92,17 @@ struct Export: AsyncParsableCommand {
             source: source, collections: collections?.split(separator: ",").map(String.init))
         configuration.scrubInterval = nil
         configuration.backoffMaximum = .seconds(1)
+        configuration.bootstrapProgress = CollectionProgress(label: "bootstrap", quiet: quiet || output.json).update
         let subscriber = Subscriber(configuration: configuration, store: store, http: http, logger: logger)
-        let progress = ProgressLine("bootstrap", quiet: quiet || output.json)
-        let feed = try await SourceClient(baseURL: source, http: http).feed()
-        let total = feed.collections.filter { configuration.collections?.contains($0.name) ?? true }
-            .reduce(0) { $0 + Int($1.count) }
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await subscriber.run() }
             let deadline = ContinuousClock.now + .seconds(3600)
             while ContinuousClock.now < deadline {
-                let state = try store.state()
-                if let state, state.progress.phase == .following, state.verifiedLSN > 0 { break }
-                progress.update(Int(state?.appliedChanges ?? 0), max(total, 1))
+                if let state = try store.state(), state.progress.phase == .following, state.verifiedLSN > 0 { break }
                 try await Task.sleep(for: .milliseconds(100))
             }
             group.cancelAll()
         }
-        progress.update(total, max(total, 1))
-        progress.finish()
         guard let state = try store.state(), state.progress.phase == .following else {
             throw ConcordError(.unavailable, "could not copy \(source) within an hour")
         }

@@ -17,7 +17,7 @@ struct Follow: AsyncParsableCommand {
             """)
 
     @Option(help: "The publisher's URL, e.g. http://127.0.0.1:7070.")
-    var source: String = ProcessInfo.processInfo.environment["CONCORD_SOURCE"] ?? "http://127.0.0.1:7070"
+    var source: String = "http://127.0.0.1:7070"
 
     @Option(help: "The replica's SQLite file (created if missing).")
     var db: String
@@ -39,6 +39,9 @@ struct Follow: AsyncParsableCommand {
             costs: such a replica is never verified.
             """)
     var noVerification = false
+
+    @Flag(help: "No progress bar for the bootstrap.")
+    var quiet = false
 
     @Flag(help: .hidden)
     var auditApplied = false
@@ -67,6 +70,7 @@ struct Follow: AsyncParsableCommand {
         configuration.pageSize = pageSize
         configuration.verification = !noVerification
         configuration.scrubInterval = scrubIntervalSeconds > 0 ? .seconds(scrubIntervalSeconds) : nil
+        configuration.bootstrapProgress = CollectionProgress(label: "bootstrap", quiet: quiet).update
         let http = SourceClient.makeHTTPClient()
         let subscriber = Subscriber(configuration: configuration, store: store, http: http, logger: logger)
         let group = ServiceGroup(

@@ -17,6 +17,7 @@ struct Status: AsyncParsableCommand {
     var db: String?
 
     @OptionGroup var output: OutputOptions
+    @OptionGroup var global: GlobalOptions
 
     func validate() throws {
         if source == nil, db == nil { throw ValidationError("give --source URL, --db PATH, or both") }

@@ -17,7 +17,7 @@ struct Verify: AsyncParsableCommand {
             """)
 
     @Option(help: "The publisher's URL.")
-    var source: String = ProcessInfo.processInfo.environment["CONCORD_SOURCE"] ?? "http://127.0.0.1:7070"
+    var source: String = "http://127.0.0.1:7070"
 
     @Option(help: "The replica's SQLite file.")
     var db: String
@@ -27,6 +27,9 @@ struct Verify: AsyncParsableCommand {
 
     @Option(help: "Print at most this many keys per kind of difference.")
     var maxKeys = 20
+
+    @Flag(help: "No progress bars.")
+    var quiet = false
 
     @OptionGroup var output: OutputOptions
     @OptionGroup var global: GlobalOptions
@@ -60,12 +63,18 @@ struct Verify: AsyncParsableCommand {
             let reconciler = Reconciler(client: client, logger: logger)
             var names = Set(feed.collections.map(\.name)).union(try store.collections())
             if let followed = state.collections { names.formIntersection(followed) }
-            let scanned = try await store.scanAll()
-            for name in names.sorted() {
+            let hashing = ProgressLine("hash stored rows", unit: "rows", quiet: quiet || output.json)
+            let scanned = try await store.scanAll(progress: hashing.update)
+            hashing.finish()
+            let reconciling = ProgressLine(
+                repair ? "reconcile and repair" : "reconcile", unit: "collections", quiet: quiet || output.json)
+            for (index, name) in names.sorted().enumerated() {
                 let local = scanned[name]?.sketch ?? RatelessSketch(capacity: ReplicaStore.sketchCapacity)
                 reports.append(
                     try await reconciler.reconcile(name, at: lsn, local: local, store: store, repair: repair))
+                reconciling.update(index + 1, names.count)
             }
+            reconciling.finish()
             if repair, pastRetention { try await store.jump(to: lsn) }
             if repair { try await store.rebuildDigests() }
         } catch let error as ConcordError {

@@ -81,10 +81,13 @@ enum Harness {
 final class ConcordProcess: @unchecked Sendable {
     let process = Process()
 
-    init(_ arguments: [String]) throws {
+    init(_ arguments: [String], environment: [String: String] = [:], output: FileHandle? = nil) throws {
         process.executableURL = URL(fileURLWithPath: Harness.binary)
         process.arguments = arguments + ["--log-level", "error"]
-        process.standardOutput = FileHandle.nullDevice
+        process.standardOutput = output ?? FileHandle.nullDevice
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new }
+        }
         try process.run()
     }
 
