@@ -130,7 +130,13 @@ public final class Subscriber: Service, Sendable {
         backoff.reset()
         if state.progress.phase == .bootstrapping {
             activityBox.value = .bootstrapping
-            try await bootstrap(state)
+            do {
+                guard state.position + 1 >= feed.oldest else { throw ConcordError(.gone, "") }
+                try await bootstrap(state)
+            } catch let error as ConcordError where error.code == .gone {
+                try await restartBootstrap()
+                return
+            }
         }
         if state.position + 1 < feed.oldest {
             try await recoverPastRetention()
@@ -255,6 +261,20 @@ public final class Subscriber: Service, Sendable {
 
     // MARK: Bootstrap
 
+    /// The log no longer reaches back to this bootstrapping replica: the changes that would
+    /// bring its copied pages up to date are gone, so it pages every collection again from the
+    /// source's head, keeping (and merging by version) what it copied.
+    func restartBootstrap() async throws {
+        let feed = try await client.feed()
+        guard let state = try store.state() else { return }
+        let available = feed.collections.map(\.name)
+        let collections = state.collections.map { wanted in available.filter(wanted.contains) } ?? available
+        logger.warning(
+            "the source's log no longer reaches back to this bootstrapping replica, copying again from the head",
+            metadata: ["position": "\(state.position)", "oldest": "\(feed.oldest)", "head": "\(feed.head)"])
+        try await store.restartBootstrap(at: feed.head, collections: collections)
+    }
+
     func bootstrap(_ state: ReplicaState) async throws {
         let sizes = Dictionary(
             (try await client.feed().collections).map { ($0.name, $0.count) }, uniquingKeysWith: { first, _ in first })
@@ -347,12 +367,35 @@ public final class Subscriber: Service, Sendable {
     // MARK: Following
 
     /// Applies the live stream. Returns when the stream ends; a hole in it is refilled by a pull first.
+    ///
+    /// Reading and parsing the stream overlap with writing it: whole transactions go to an
+    /// ``ApplyPipeline`` that writes one batch while the next is parsed, so the two cores
+    /// share the work instead of taking turns.
     func follow() async throws {
         guard let position = try store.state()?.position else { return }
         let response = try await client.stream(after: position, collections: configuration.collections)
         var sequencer = ChangeSequencer(after: position)
         var lines = LineSplitter()
         let bootstrapping = try store.state()?.progress.phase == .bootstrapping
+        let pipeline = ApplyPipeline()
+        /// Hands whole transactions (and a checkpoint that follows them) to the pipeline; while
+        /// bootstrapping, waits for them, as the bootstrap may complete with any of them.
+        func submit(checkpoint: Checkpoint? = nil) async throws -> Bool {
+            guard let (items, through) = sequencer.takeComplete() else {
+                if let checkpoint { try await pipeline.submit(stoppingUnless: { try await self.verifyAt(checkpoint) }) }
+                return true
+            }
+            try await pipeline.submit(stoppingUnless: {
+                try await self.store.apply(items, through: through)
+                guard let checkpoint else { return true }
+                return try await self.verifyAt(checkpoint)
+            })
+            if bootstrapping {
+                try await pipeline.drain()
+                if try await store.completeBootstrapIfReady() { return false }
+            }
+            return true
+        }
         do {
             for try await chunk in response.body {
                 client.received.add(chunk.readableBytes)
@@ -361,22 +404,19 @@ public final class Subscriber: Service, Sendable {
                     switch try WireFormat.parseStreamLine(lines.buffer, range: line) {
                     case .heartbeat(let head):
                         try await store.noteSourceHead(head)
-                        if scrubDue { return }
-                    case .checkpoint(let checkpoint):
-                        if let (items, through) = sequencer.takeComplete() {
-                            try await store.apply(items, through: through)
-                            if bootstrapping, try await store.completeBootstrapIfReady() { return }
+                        if scrubDue {
+                            try await pipeline.drain()
+                            return
                         }
-                        try await verify(checkpoint)
-                        if try store.state()?.position != sequencer.committed { return }
+                    case .checkpoint(let checkpoint):
+                        guard try await submit(checkpoint: checkpoint) else { return }
                     case .item(let item):
                         if case .gap(let expected, let received) = sequencer.receive(item) {
                             logger.warning(
                                 "gap in stream, refilling by pull",
                                 metadata: ["expected": "\(expected)", "received": "\(received)"])
-                            if let (items, through) = sequencer.takeComplete() {
-                                try await store.apply(items, through: through)
-                            }
+                            _ = try await submit()
+                            try await pipeline.drain()
                             let before = client.received.value
                             try await pull(until: received)
                             let bytes = client.received.value - before
@@ -384,23 +424,85 @@ public final class Subscriber: Service, Sendable {
                             return
                         }
                     }
+                    if pipeline.mustStop {
+                        try await pipeline.drain()
+                        return
+                    }
                 }
-                if let (items, through) = sequencer.takeComplete() {
-                    try await store.apply(items, through: through)
-                    // Back to the session: digests are built from the rows before checkpoints count.
-                    if bootstrapping, try await store.completeBootstrapIfReady() { return }
+                // Whole transactions go to the pipeline when it is idle, or when enough wait
+                // that holding more would only cost memory.
+                if pipeline.isIdle || sequencer.readyCount >= configuration.pullLimit {
+                    guard try await submit() else { return }
                 }
-                if scrubDue { return }
+                if scrubDue {
+                    _ = try await submit()
+                    try await pipeline.drain()
+                    return
+                }
             }
+            _ = try await submit()
+            try await pipeline.drain()
         } catch let error as ConcordError {
+            try? await pipeline.drain()
             throw error
         } catch is CancellationError {
+            try? await pipeline.drain()
             return
         } catch {
+            try? await pipeline.drain()
             if Task.isCancelled { return }
             throw ConcordError(.unavailable, "stream from \(configuration.source) broke: \(error)")
         }
         if !Task.isCancelled { throw ConcordError(.unavailable, "stream from \(configuration.source) ended") }
+    }
+
+    /// Compares a checkpoint once the replica is at its LSN; tells the pipeline to stop when the
+    /// comparison moved the replica (a collection to copy again), so the session starts over.
+    func verifyAt(_ checkpoint: Checkpoint) async throws -> Bool {
+        try await verify(checkpoint)
+        let state = try store.state()
+        return state?.position == checkpoint.lsn && state?.progress.phase == .following
+    }
+}
+
+/// Runs one batch of work at a time behind the stream reader: `submit` waits for the previous
+/// batch and starts the next without waiting for it, so reading and writing overlap.
+final class ApplyPipeline: Sendable {
+    private let running = Mutex<Task<Bool, Error>?>(nil)
+    private let finished = Atomic<Bool>(true)
+    private let stopRequested = Atomic<Bool>(false)
+
+    /// No batch is being written.
+    var isIdle: Bool { finished.load(ordering: .acquiring) }
+    /// A batch's work asked the stream to end (its checkpoint changed the replica's phase).
+    var mustStop: Bool { stopRequested.load(ordering: .acquiring) }
+
+    /// Waits for the previous batch, rethrowing its error, then starts `work`; `work` returns
+    /// false to ask the reader to stop.
+    func submit(stoppingUnless work: @escaping @Sendable () async throws -> Bool) async throws {
+        try await drain()
+        finished.store(false, ordering: .releasing)
+        let task = Task {
+            defer { self.finished.store(true, ordering: .releasing) }
+            let keepGoing = try await work()
+            if !keepGoing { self.stopRequested.store(true, ordering: .releasing) }
+            return keepGoing
+        }
+        running.withLock { $0 = task }
+    }
+
+    func submit(_ work: @escaping @Sendable () async throws -> Void) async throws {
+        try await submit(stoppingUnless: {
+            try await work()
+            return true
+        })
+    }
+
+    /// Waits for the batch in flight; rethrows its error.
+    func drain() async throws {
+        guard let task = running.withLock({ $0 }) else { return }
+        running.withLock { $0 = nil }
+        _ = try await task.value
     }
 }
 

@@ -156,26 +156,34 @@ public struct Element: Sendable, Hashable, Comparable, CustomStringConvertible {
     }
 
     /// Parses exactly 64 lowercase hex digits.
+    ///
+    /// Eight digits at a time with word arithmetic: a digit-or-letter branch per byte
+    /// mispredicts on random hashes, and this runs once per change a replica applies.
     public static func parseHex(_ bytes: UnsafeRawBufferPointer) -> (UInt64, UInt64, UInt64, UInt64)? {
         guard bytes.count == 64 else { return nil }
-        var words: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
-        func word(_ start: Int) -> UInt64? {
-            var value: UInt64 = 0
-            for index in start..<(start + 16) {
-                let byte = bytes[index]
-                let digit: UInt8
-                switch byte {
-                case 0x30...0x39: digit = byte &- 0x30
-                case 0x61...0x66: digit = byte &- 0x61 &+ 10
-                default: return nil
-                }
-                value = value << 4 | UInt64(digit)
-            }
-            return value
+        var invalid: UInt64 = 0
+        func half(_ offset: Int) -> UInt64 {
+            // Eight ASCII bytes, the first digit in the lowest byte; no sum below crosses a byte.
+            let chunk = UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+            let ones: UInt64 = 0x0101_0101_0101_0101
+            // '0'...'9' are 0x30...0x39 and 'a'...'f' 0x61...0x66: bit 6 tells letters from digits.
+            let letter = (chunk >> 6) & ones
+            let low = chunk & (ones &* 0x0F)
+            // Valid: the high nibble is 3 for a digit, 6 for a letter; a digit's low nibble is at
+            // most 9 (so low + 6 < 16) and a letter's is 1...6 (so low + 9 < 16 and low + 15 ≥ 16).
+            invalid |= (chunk & (ones &* 0xF0)) ^ ((ones &- letter) &* 0x30 | letter &* 0x60)
+            invalid |= (low &+ ones &* 6 &+ letter &* 3) & (ones &* 0x10)
+            invalid |= (letter << 4) & ~(low &+ ones &* 0x0F)
+            // Nibble values, then packed with the first digit most significant.
+            let nibbles = low &+ letter &* 9
+            let pairs = (nibbles << 4 | nibbles >> 8) & 0x00FF_00FF_00FF_00FF
+            let quads = (pairs << 8 | pairs >> 16) & 0x0000_FFFF_0000_FFFF
+            return (quads << 16 | quads >> 32) & 0xFFFF_FFFF
         }
-        guard let w0 = word(0), let w1 = word(16), let w2 = word(32), let w3 = word(48) else { return nil }
-        words = (w0, w1, w2, w3)
-        return words
+        let words = (
+            half(0) << 32 | half(8), half(16) << 32 | half(24), half(32) << 32 | half(40), half(48) << 32 | half(56)
+        )
+        return invalid == 0 ? words : nil
     }
 }
 

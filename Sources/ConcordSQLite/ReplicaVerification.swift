@@ -11,7 +11,10 @@ import GRDB
 struct DigestTracker {
     let db: Database
     let exactFromDisk: Bool
-    private var digests: [String: CollectionDigest] = [:]
+    /// The tracked collections and their digests, side by side: a transaction touches one or
+    /// a few collections, and comparing names beats hashing them once per change.
+    private var names: [String] = []
+    private var digests: [CollectionDigest] = []
     private var before: Element?
     private(set) var elementChanges: [PublisherStore.ElementChange] = []
 
@@ -19,7 +22,10 @@ struct DigestTracker {
         self.db = db
         self.exactFromDisk = exactFromDisk
         for collection in collections {
-            if let digest = try Self.storedDigest(of: collection, in: db) { digests[collection] = digest }
+            if let digest = try Self.storedDigest(of: collection, in: db) {
+                names.append(collection)
+                digests.append(digest)
+            }
         }
     }
 
@@ -32,24 +38,33 @@ struct DigestTracker {
         return CollectionDigest(count: row["count"], sumHex: row["digest"])
     }
 
+    private func index(of collection: String) -> Int? {
+        names.firstIndex(of: collection)
+    }
+
     mutating func willApply(_ change: Change) throws {
-        guard digests[change.collection] != nil else { return }
+        guard index(of: change.collection) != nil else { return }
         before = exactFromDisk ? try Self.element(of: change.collection, key: change.key, in: db) : change.before
     }
 
     mutating func didApply(_ change: Change) throws {
-        guard digests[change.collection] != nil else { return }
+        guard let index = index(of: change.collection) else { return }
         let after =
             exactFromDisk ? try Self.element(of: change.collection, key: change.key, in: db) : Element(change)
-        record(change.collection, before: before, after: after)
+        record(at: index, before: before, after: after)
     }
 
     /// Notes that a record of `collection` went from `before` to `after` (either may be absent).
     mutating func record(_ collection: String, before: Element?, after: Element?) {
-        guard digests[collection] != nil, before != after else { return }
-        if let before { digests[collection]!.remove(before) }
-        if let after { digests[collection]!.add(after) }
-        elementChanges.append(.init(collection: collection, before: before, after: after))
+        guard let index = index(of: collection) else { return }
+        record(at: index, before: before, after: after)
+    }
+
+    private mutating func record(at index: Int, before: Element?, after: Element?) {
+        guard before != after else { return }
+        if let before { digests[index].remove(before) }
+        if let after { digests[index].add(after) }
+        elementChanges.append(.init(collection: names[index], before: before, after: after))
     }
 
     static func element(of collection: String, key: String, in db: Database) throws -> Element? {
@@ -62,7 +77,7 @@ struct DigestTracker {
     }
 
     func save() throws {
-        for (collection, digest) in digests {
+        for (collection, digest) in zip(names, digests) {
             try db.execute(
                 sql: "UPDATE concord_collections SET count = ?, digest = ? WHERE name = ?",
                 arguments: [digest.count, digest.sumHex, collection])
@@ -334,6 +349,27 @@ extension ReplicaStore {
                     UPDATE concord_state SET phase = 'bootstrapping' WHERE id = 1;
                     """, arguments: [collection])
             try DigestTracker.invalidate([collection], in: db)
+            self.sketches.invalidate()
+        }
+    }
+
+    /// Starts the bootstrap over at `head` when the log no longer reaches back to a replica that
+    /// was still bootstrapping: every collection is paged again from its first key, merged by
+    /// version, and local rows the pages do not hold are deleted, so changes lost with the log
+    /// (deletes included) cannot survive. Rows already copied stay readable meanwhile.
+    public func restartBootstrap(at head: LSN, collections: [String]) async throws {
+        try await pool.write { db in
+            for collection in collections { try Self.createTable(collection, in: db) }
+            try db.execute(sql: "DELETE FROM concord_bootstrap")
+            for collection in collections {
+                try db.execute(
+                    sql: "INSERT INTO concord_bootstrap (collection, after_key, sweep) VALUES (?, NULL, 1)",
+                    arguments: [collection])
+            }
+            try db.execute(
+                sql: "UPDATE concord_state SET phase = 'bootstrapping', position = ?, horizon = ? WHERE id = 1",
+                arguments: [Int64(head), Int64(head)])
+            try DigestTracker.invalidate(collections, in: db)
             self.sketches.invalidate()
         }
     }

@@ -80,90 +80,119 @@ struct Bench: AsyncParsableCommand {
 
     /// Streaming apply with verification (digests, sketches, checkpoint comparison) and, in
     /// the same run, without it, to show what proof costs.
+    ///
+    /// Two publishers and two `concord follow` children run side by side, one of them with
+    /// `--no-verification`. The phases alternate between them, each measured `rounds` times
+    /// while the other child is paused, and the medians are compared: a single measurement of
+    /// a two-second catch-up varies by a third between runs on this machine.
     func streamBenchmark(folder: URL, logger: Logger, results: inout [String: Double]) async throws {
-        var verified: [String: Double] = [:]
-        try await streamBenchmark(folder: folder, logger: logger, verification: true, results: &verified)
-        var plain: [String: Double] = [:]
-        try await streamBenchmark(folder: folder, logger: logger, verification: false, results: &plain)
-        results.merge(verified) { $1 }
-        for (key, value) in plain { results[key + "_no_verification"] = value }
+        let count = changes
+        let rounds = 3
+        say(
+            "stream: \(count) records of 200-byte values, then \(rounds) rounds of \(count) updates caught up and "
+                + "\(count) applied live, alternating between a replica with verification and one without")
+        let verifiedStore = try Self.source(in: folder, named: "stream-source")
+        let plainStore = try Self.source(in: folder, named: "stream-source-plain")
+        try await Self.load(verifiedStore, count: count, size: 200, revision: 0)
+        try await Self.load(plainStore, count: count, size: 200, revision: 0)
+        let report = try await PublisherServer.withRunningServer(
+            store: verifiedStore, configuration: Self.server, logger: logger
+        ) { verifiedURL in
+            try await PublisherServer.withRunningServer(
+                store: plainStore, configuration: Self.server, logger: logger
+            ) { plainURL in
+                let verified = try FollowProcess(
+                    source: verifiedURL, db: folder.appendingPathComponent("stream-replica.sqlite").path)
+                defer { verified.stop() }
+                let plain = try FollowProcess(
+                    source: plainURL, db: folder.appendingPathComponent("stream-replica-plain.sqlite").path,
+                    arguments: ["--no-verification"])
+                defer { plain.stop() }
+                // With verification, the digests are built (one scan) and verified before the clock starts.
+                try await verified.waitUntil(timeout: .seconds(300)) {
+                    $0.progress.phase == .following && $0.position >= verifiedStore.head
+                        && $0.verifiedLSN >= verifiedStore.head
+                }
+                try await plain.waitUntil(timeout: .seconds(300)) {
+                    $0.progress.phase == .following && $0.position >= plainStore.head
+                }
+                verified.pause()
+                plain.pause()
+                let setups = [
+                    (name: "", store: verifiedStore, child: verified),
+                    (name: "_no_verification", store: plainStore, child: plain),
+                ]
+                var samples: [String: [Double]] = [:]
+                var revision = 0
+                for _ in 0..<rounds {
+                    for setup in setups {
+                        // Catch-up: the subscriber is paused while the log grows, then applies it all.
+                        revision += 1
+                        let writeStart = ContinuousClock.now
+                        try await Self.load(setup.store, count: count, size: 200, revision: revision)
+                        samples["stream_publisher_write_per_s" + setup.name, default: []].append(
+                            Double(count) / (ContinuousClock.now - writeStart).seconds)
+                        let catchUpStart = ContinuousClock.now
+                        setup.child.resume()
+                        let head = setup.store.head
+                        try await setup.child.waitUntil(timeout: .seconds(300)) { $0.position >= head }
+                        samples["stream_catchup_per_s" + setup.name, default: []].append(
+                            Double(count) / (ContinuousClock.now - catchUpStart).seconds)
+                        // Live: writes and apply run at the same time; end to end is write start to replica at head.
+                        revision += 1
+                        let liveStart = ContinuousClock.now
+                        try await Self.load(setup.store, count: count, size: 200, revision: revision)
+                        let liveHead = setup.store.head
+                        try await setup.child.waitUntil(timeout: .seconds(300)) { $0.position >= liveHead }
+                        samples["stream_live_end_to_end_per_s" + setup.name, default: []].append(
+                            Double(count) / (ContinuousClock.now - liveStart).seconds)
+                        setup.child.pause()
+                    }
+                }
+                verified.resume()
+                plain.resume()
+                var report = samples.mapValues { values in values.sorted()[values.count / 2] }
+                for (key, values) in samples { report[key + "_samples"] = Double(values.count) }
+                report["stream_subscriber_peak_rss_mb"] = verified.peakRSSMegabytes
+                report["stream_subscriber_peak_rss_mb_no_verification"] = plain.peakRSSMegabytes
+                for (key, values) in samples.sorted(by: { $0.key < $1.key }) {
+                    say("  \(key): " + values.map { String(format: "%.0f", $0) }.joined(separator: ", "))
+                }
+                return report
+            }
+        }
+        results.merge(report) { $1 }
+        for suffix in ["", "_no_verification"] {
+            say(suffix.isEmpty ? "  with verification (medians):" : "  without verification (medians):")
+            say(
+                String(
+                    format: "    publisher writes (batches of 1000):   %9.0f changes/s",
+                    report["stream_publisher_write_per_s" + suffix]!))
+            let catchUp = report["stream_catchup_per_s" + suffix]!
+            let live = report["stream_live_end_to_end_per_s" + suffix]!
+            say(
+                String(
+                    format:
+                        "    streaming apply, catch-up:            %9.0f changes/s  (%.2fx PostgreSQL logical replication's 51,000/s)",
+                    catchUp, catchUp / Self.pgApplyRowsPerSecond))
+            say(
+                String(
+                    format:
+                        "    streaming apply, live end to end:     %9.0f changes/s  (%.2fx; writes and apply share the 2 cores)",
+                    live, live / Self.pgApplyRowsPerSecond))
+            say(
+                String(
+                    format: "    subscriber peak RSS:                  %9.1f MB",
+                    report["stream_subscriber_peak_rss_mb" + suffix]!))
+        }
         for (name, key) in [("catch-up", "stream_catchup_per_s"), ("live end to end", "stream_live_end_to_end_per_s")] {
-            let ratio = verified[key]! / plain[key]!
+            let ratio = report[key]! / report[key + "_no_verification"]!
             results[key + "_verification_ratio"] = ratio
             say(
                 String(
                     format: "  %@ with verification at %.1f%% of the same run without it (goal: at least 90%%)",
                     name, 100 * ratio))
         }
-    }
-
-    func streamBenchmark(
-        folder: URL, logger: Logger, verification: Bool, results: inout [String: Double]
-    ) async throws {
-        let count = changes
-        let suffix = verification ? "" : "-plain"
-        let store = try Self.source(in: folder, named: "stream-source\(suffix)")
-        say(
-            "stream \(verification ? "with" : "without") verification: \(count) records of 200-byte values, "
-                + "then \(count) updates twice")
-        try await Self.load(store, count: count, size: 200, revision: 0)
-        let replicaPath = folder.appendingPathComponent("stream-replica\(suffix).sqlite").path
-        let report = try await PublisherServer.withRunningServer(
-            store: store, configuration: Self.server, logger: logger
-        ) { url in
-            let child = try FollowProcess(
-                source: url, db: replicaPath, arguments: verification ? [] : ["--no-verification"])
-            defer { child.stop() }
-            // With verification, the digests are built (one scan) and verified before the clock starts.
-            try await child.waitUntil(timeout: .seconds(300)) {
-                $0.progress.phase == .following && $0.position >= store.head
-                    && (!verification || $0.verifiedLSN >= store.head)
-            }
-            var report: [String: Double] = [:]
-
-            // Catch-up: the subscriber is paused while the log grows, then applies it all.
-            child.pause()
-            let writeStart = ContinuousClock.now
-            try await Self.load(store, count: count, size: 200, revision: 1)
-            let writeSeconds = (ContinuousClock.now - writeStart).seconds
-            let catchUpStart = ContinuousClock.now
-            child.resume()
-            let head = store.head
-            try await child.waitUntil(timeout: .seconds(300)) { $0.position >= head }
-            let catchUpSeconds = (ContinuousClock.now - catchUpStart).seconds
-            report["stream_publisher_write_per_s"] = Double(count) / writeSeconds
-            report["stream_catchup_per_s"] = Double(count) / catchUpSeconds
-
-            // Live: writes and apply run at the same time; end to end is write start to replica at head.
-            let liveStart = ContinuousClock.now
-            try await Self.load(store, count: count, size: 200, revision: 2)
-            let liveHead = store.head
-            try await child.waitUntil(timeout: .seconds(300)) { $0.position >= liveHead }
-            let liveSeconds = (ContinuousClock.now - liveStart).seconds
-            report["stream_live_end_to_end_per_s"] = Double(count) / liveSeconds
-            report["stream_subscriber_peak_rss_mb"] = child.peakRSSMegabytes
-            return report
-        }
-        results.merge(report) { $1 }
-        let catchUp = report["stream_catchup_per_s"]!
-        let live = report["stream_live_end_to_end_per_s"]!
-        say(
-            String(
-                format: "  publisher writes (batches of 1000):   %9.0f changes/s",
-                report["stream_publisher_write_per_s"]!))
-        say(
-            String(
-                format:
-                    "  streaming apply, catch-up:            %9.0f changes/s  (%.2fx PostgreSQL logical replication's 51,000/s)",
-                catchUp, catchUp / Self.pgApplyRowsPerSecond))
-        say(
-            String(
-                format:
-                    "  streaming apply, live end to end:     %9.0f changes/s  (%.2fx; writes and apply share the 2 cores)",
-                live, live / Self.pgApplyRowsPerSecond))
-        say(
-            String(format: "  subscriber peak RSS:                  %9.1f MB", report["stream_subscriber_peak_rss_mb"]!)
-        )
     }
 
     // MARK: Bootstrap
@@ -320,7 +349,7 @@ final class FollowProcess: @unchecked Sendable {
         store = try ReplicaStore(path: db)
         process.executableURL = URL(
             fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
-        process.arguments = ["follow", "--source", source, "--db", db, "--log-level", "warning"] + arguments
+        process.arguments = ["follow", "--source", source, "--db", db, "--log-level", "warning", "--quiet"] + arguments
         try process.run()
     }
 

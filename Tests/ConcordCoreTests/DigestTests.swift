@@ -3,6 +3,32 @@ import Testing
 @testable import ConcordCore
 
 @Suite struct DigestTests {
+    @Test func hexParsingAcceptsExactlyLowercaseHexDigits() {
+        let digits = Array("0123456789abcdef".utf8)
+        var generator = SeededGenerator(seed: 7)
+        for _ in 0..<200 {
+            let text = (0..<64).map { _ in digits[Int.random(in: 0..<16, using: &generator)] }
+            let expected = (0..<4).map { word in
+                text[(word * 16)..<(word * 16 + 16)].reduce(UInt64(0)) { value, digit in
+                    value << 4 | UInt64(digit <= 0x39 ? digit - 0x30 : digit - 0x61 + 10)
+                }
+            }
+            let parsed = text.withUnsafeBytes { Element.parseHex($0) }
+            #expect(parsed.map { [$0.0, $0.1, $0.2, $0.3] } == expected)
+        }
+        // Every byte that is not a lowercase hex digit, at every position, is refused.
+        let valid = Array(repeating: UInt8(ascii: "7"), count: 64)
+        var accepted: [(position: Int, byte: UInt8)] = []
+        for position in 0..<64 {
+            for byte in UInt8.min...UInt8.max where !digits.contains(byte) {
+                var text = valid
+                text[position] = byte
+                if text.withUnsafeBytes({ Element.parseHex($0) }) != nil { accepted.append((position, byte)) }
+            }
+        }
+        #expect(accepted.isEmpty, "accepted \(accepted.prefix(5))")
+    }
+
     @Test func theElementEncodingIsPinned() {
         // Changing the hashed encoding would break every stored digest: this pins it.
         let element = Element(collection: "users", key: "42", version: 7, value: #"{"name":"Ada"}"#)

@@ -203,6 +203,35 @@ struct VerificationTests {
         #expect(state.repairedRecords == 52, "the 52 changed records moved, not 5000")
     }
 
+    /// A replica stopped halfway through its bootstrap while the log is pruned past its position
+    /// cannot bring its copied pages up to date from the log: it copies again from the head.
+    @Test func aBootstrapInterruptedPastRetentionStartsOverAndEndsEqual() async throws {
+        let folder = Harness.folder()
+        let source = try Self.sourceStore(folder, retainChanges: 100)
+        try await Self.fill(source, records: 20_000)
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        try await PublisherServer.withRunningServer(store: source, configuration: .testing, logger: Harness.logger) {
+            url in
+            try await Self.withSubscriber(url: url, replica: replica) {
+                try await Harness.waitUntil("a few pages are copied", timeout: .seconds(30)) {
+                    (try replica.state()?.progress.remaining["items"] ?? nil) != nil
+                }
+            }
+            let stoppedAt = try #require(try replica.state())
+            #expect(stoppedAt.progress.phase == .bootstrapping)
+            // Deletes and updates on both sides of the copied key range, then the log is pruned.
+            for index in stride(from: 0, to: 20_000, by: 97) {
+                try await source.write([.delete("items", "k\(index)"), .upsert("items", "k\(index + 1)", json: "-1")])
+            }
+            try await source.pruneLog()
+            #expect(try await source.feedInfo().oldest > stoppedAt.position + 1)
+            try await Self.withSubscriber(url: url, replica: replica) {
+                try await Self.waitVerified(replica, source: source)
+            }
+        }
+        #expect(try await Harness.differences(source: source, replica: replica).isEmpty)
+    }
+
     /// 2,000 of 16,000 records stale need about 5,400 coded symbols: past the 4,096 both
     /// sides keep, so both compute the rest from their rows, and still only what changed moves.
     @Test func aDifferencePastTheKeptSymbolsIsStillReconciledRecordByRecord() async throws {
