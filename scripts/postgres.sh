@@ -38,6 +38,13 @@ usage() {
 
 [ $# -eq 2 ] || usage
 cmd=$1
+
+# The server outlives this script: it must not inherit descriptors other than 0-2, or a caller
+# that waits for them to close (a pipe, or the socket a Swift Process watches) waits forever.
+for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
 [ -n "$2" ] || usage
 if [ "$cmd" = start ]; then mkdir -p "$2"; elif [ ! -d "$2" ]; then
     echo "postgres.sh: no folder $2" >&2

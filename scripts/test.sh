@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs, builds with warnings as errors, checks
-# formatting, runs every test (unit, SQLite, end-to-end over loopback HTTP with real processes).
+# formatting, runs every test (unit, SQLite, end-to-end over loopback HTTP with real processes,
+# PostgreSQL capture against a real PostgreSQL 15 it starts in a temporary folder and stops).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,15 @@ export CONCORD_BIN="$(swift build --show-bin-path)/concord"
 
 echo "== format check"
 swift format lint --strict --recursive Package.swift Sources Tests
+
+echo "== PostgreSQL for the capture tests"
+pg_dir="$(mktemp -d /tmp/concord-test-pg.XXXXXX)"
+stop_postgres() { scripts/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true; rm -rf "$pg_dir" "$pg_dir.start.log"; }
+trap stop_postgres EXIT
+# Output to a file, not a pipe: the server would keep a pipe open.
+scripts/postgres.sh start "$pg_dir" >"$pg_dir.start.log" 2>&1 || { cat "$pg_dir.start.log"; exit 1; }
+export CONCORD_TEST_POSTGRES_URL="$(cat "$pg_dir/url")"
+export CONCORD_TEST_POSTGRES_DIR="$pg_dir"
 
 echo "== tests"
 swift test --skip-build

@@ -25,6 +25,8 @@ public struct ConcordError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let protocolViolation = Code("protocol_violation")
         /// The source could not be reached or answered with a server error.
         public static let unavailable = Code("unavailable")
+        /// This publisher takes no writes over HTTP: its records are captured from a database.
+        public static let writesRefused = Code("writes_refused")
         /// A configuration file or environment variable is malformed or names an unknown option.
         public static let invalidConfiguration = Code("invalid_configuration")
         /// A local store failed.

@@ -120,6 +120,10 @@ public final class PublisherStore: Sendable {
                 try db.execute(
                     sql: "CREATE INDEX concord_records_key_hash ON concord_records (collection, key_hash)")
             }
+            migrator.registerMigration("v4-markers") { db in
+                // Where a capture from another database is, written with the changes it produced.
+                try db.execute(sql: "CREATE TABLE concord_markers (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            }
             try migrator.migrate(pool)
             let (feedID, head) = try pool.read { db -> (String, LSN) in
                 let row = try Row.fetchOne(db, sql: "SELECT feed_id, head FROM concord_feed WHERE id = 1")!
@@ -147,6 +151,22 @@ public final class PublisherStore: Sendable {
     /// Applies `operations` atomically, in order; returns the LSN of the last one.
     @discardableResult
     public func write(_ operations: [WriteOperation]) async throws -> LSN {
+        try await write(operations, marker: nil)
+    }
+
+    /// Applies `operations` atomically and, in the same transaction, sets the marker `name` to
+    /// `value`: a capture's position in its source commits with what it produced. Without
+    /// operations only the marker is written, and the head stays.
+    @discardableResult
+    public func write(_ operations: [WriteOperation], marker: (name: String, value: String)?) async throws -> LSN {
+        if operations.isEmpty, let marker {
+            do {
+                try await pool.write { db in try Self.setMarker(marker, in: db) }
+            } catch {
+                throw ConcordError.storage(error, "cannot record \(marker.name)")
+            }
+            return head
+        }
         guard !operations.isEmpty else { throw ConcordError(.invalidRequest, "a write needs at least one change") }
         let limits = configuration.limits
         var checked = operations
@@ -171,6 +191,7 @@ public final class PublisherStore: Sendable {
         do {
             last = try await pool.write { db in
                 let (last, touched) = try Self.append(batch, in: db)
+                if let marker { try Self.setMarker(marker, in: db) }
                 let policy = self.configuration.checkpoints
                 let due = ContinuousClock.now - self.lastCheckpoint.withLock { $0 } >= policy.interval
                 if due || policy.crossesBoundary(from: last - LSN(batch.count), to: last) {
@@ -193,6 +214,36 @@ public final class PublisherStore: Sendable {
         }
         headWatch.advance(to: last)
         return last
+    }
+
+    static func setMarker(_ marker: (name: String, value: String), in db: Database) throws {
+        try db.execute(
+            sql: "INSERT INTO concord_markers (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = ?",
+            arguments: [marker.name, marker.value, marker.value])
+    }
+
+    /// The marker `name`, as last written with ``write(_:marker:)``.
+    public func marker(_ name: String) throws -> String? {
+        try pool.read { db in
+            try String.fetchOne(db, sql: "SELECT value FROM concord_markers WHERE name = ?", arguments: [name])
+        }
+    }
+
+    /// The current value of one record, `nil` when there is none.
+    public func value(of collection: String, key: String) async throws -> String? {
+        try await pool.read { db in
+            try String.fetchOne(
+                db, sql: "SELECT value FROM concord_records WHERE collection = ? AND key = ?",
+                arguments: [collection, key])
+        }
+    }
+
+    /// Every key of a collection, in key order.
+    public func keys(of collection: String) async throws -> [String] {
+        try await pool.read { db in
+            try String.fetchAll(
+                db, sql: "SELECT key FROM concord_records WHERE collection = ? ORDER BY key", arguments: [collection])
+        }
     }
 
     /// What one change did to the elements of its collection.

@@ -31,6 +31,9 @@ public enum PublisherServer {
         public var streamBatch = 4096
         /// Fault injection for tests: drop every n-th item of `/v1/changes/stream`.
         public var dropEveryNthStreamItem: Int?
+        /// Refuses `POST /v1/write` with this reason (set when the records are captured from
+        /// another database, which alone may change them).
+        public var writesRefused: String?
 
         public init() {}
     }
@@ -165,6 +168,7 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
         case .tooLarge: .contentTooLarge
         case .unknownCollection, .notFound: .notFound
         case .gone: .gone
+        case .writesRefused: .conflict
         case .unavailable: .serviceUnavailable
         default: .internalServerError
         }
@@ -336,6 +340,7 @@ struct API: Sendable {
     }
 
     func write(_ request: inout Request) async throws -> Response {
+        if let reason = configuration.writesRefused { throw ConcordError(.writesRefused, reason) }
         let body = try await request.collectBody(upTo: configuration.maxBodyBytes)
         let operations = try WireFormat.decodeWriteRequest(Array(buffer: body), limits: store.configuration.limits)
         let lsn = try await store.write(operations)

@@ -1,5 +1,6 @@
 import ArgumentParser
 import ConcordCore
+import ConcordPostgres
 import ConcordSQLite
 import ConcordServer
 import Foundation
@@ -54,7 +55,31 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Write the port listened on to this file once the server runs (useful with --port 0).")
     var portFile: String?
 
+    @Option(
+        help: """
+            Capture the records from this PostgreSQL database (postgres://USER[:PASSWORD]@HOST[:PORT]/DB) \
+            by logical decoding instead of taking writes over HTTP. Needs wal_level = logical, a role with \
+            REPLICATION and SELECT on the tables, and the wal2json plugin.
+            """)
+    var postgres: String?
+
+    @Option(help: "With --postgres: the tables to capture, comma-separated (schema.table, or table in public).")
+    var tables: String?
+
+    @Option(help: "With --postgres: the replication slot's name.")
+    var slot = "concord"
+
+    @Option(help: "With --postgres: milliseconds between polls of an idle slot.")
+    var pollIntervalMs = 100
+
     @OptionGroup var global: GlobalOptions
+
+    func validate() throws {
+        if postgres != nil, (tables ?? "").isEmpty {
+            throw ValidationError("--postgres needs --tables, e.g. --tables public.customers,public.orders")
+        }
+        if postgres == nil, tables != nil { throw ValidationError("--tables goes with --postgres") }
+    }
 
     func run() async throws {
         let logger = global.bootstrapLogging(label: "concord.serve")
@@ -83,6 +108,16 @@ struct Serve: AsyncParsableCommand {
         configuration.port = port
         configuration.maxBodyBytes = maxBodyBytes
         configuration.dropEveryNthStreamItem = dropEveryNthStreamItem
+        var capture: PostgresCapture?
+        if let postgres {
+            var captureConfiguration = PostgresCapture.Configuration(
+                url: postgres, tables: (tables ?? "").split(separator: ",").map(String.init))
+            captureConfiguration.slot = slot
+            captureConfiguration.pollInterval = .milliseconds(max(1, pollIntervalMs))
+            capture = PostgresCapture(configuration: captureConfiguration, store: store, logger: logger)
+            configuration.writesRefused =
+                "this publisher captures its records from PostgreSQL; write to the database instead"
+        }
         let host = self.host
         let portFile = self.portFile
         let app = PublisherServer.makeApplication(store: store, configuration: configuration, logger: logger) { port in
@@ -101,9 +136,14 @@ struct Serve: AsyncParsableCommand {
                         service: PublisherMaintenance(
                             store: store, pruneInterval: .seconds(pruneIntervalSeconds), logger: logger)),
                     .init(service: StreamCloser(store: store)),
-                ],
+                ] + (capture.map { [.init(service: $0)] } ?? []),
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
-        try await group.run()
+        do {
+            try await group.run()
+        } catch let error as ConcordError where error.code == .invalidConfiguration {
+            FileHandle.printError("error: \(error.message)")
+            throw ExitCode(2)
+        }
     }
 }

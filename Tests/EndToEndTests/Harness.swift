@@ -81,10 +81,21 @@ enum Harness {
 final class ConcordProcess: @unchecked Sendable {
     let process = Process()
 
-    init(_ arguments: [String], environment: [String: String] = [:], output: FileHandle? = nil) throws {
+    init(
+        _ arguments: [String], environment: [String: String] = [:], output: FileHandle? = nil, log: String? = nil
+    ) throws {
         process.executableURL = URL(fileURLWithPath: Harness.binary)
-        process.arguments = arguments + ["--log-level", "error"]
+        process.arguments = arguments + ["--log-level", log == nil ? "error" : "info"]
         process.standardOutput = output ?? FileHandle.nullDevice
+        if let log {
+            // Appended to, so a restarted process's lines follow the last ones.
+            if !FileManager.default.fileExists(atPath: log) {
+                _ = FileManager.default.createFile(atPath: log, contents: nil)
+            }
+            let handle = FileHandle(forWritingAtPath: log)
+            handle?.seekToEndOfFile()
+            process.standardError = handle
+        }
         if !environment.isEmpty {
             process.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new }
         }
@@ -116,10 +127,13 @@ final class ConcordProcess: @unchecked Sendable {
     }
 
     /// Starts `concord serve` on `port` (0: any) and returns it with the port it listens on.
-    static func serve(db: String, port: Int = 0, extra: [String] = []) async throws -> (ConcordProcess, Int) {
+    static func serve(db: String, port: Int = 0, extra: [String] = [], log: String? = nil) async throws
+        -> (ConcordProcess, Int)
+    {
         let portFile = db + ".port"
         try? FileManager.default.removeItem(atPath: portFile)
-        let child = try ConcordProcess(["serve", "--db", db, "--port", String(port), "--port-file", portFile] + extra)
+        let child = try ConcordProcess(
+            ["serve", "--db", db, "--port", String(port), "--port-file", portFile] + extra, log: log)
         var bound = 0
         try await Harness.waitUntil("the publisher listens", timeout: .seconds(30)) {
             guard child.isRunning else { throw ConcordError(.internal, "concord serve exited") }

@@ -1,0 +1,464 @@
+import ConcordCore
+import ConcordSQLite
+import Foundation
+import Logging
+import PostgresNIO
+import ServiceLifecycle
+
+/// Captures the changes of PostgreSQL tables into a publisher's log, the way a CDC tool does,
+/// without the owning service changing a line.
+///
+/// A logical replication slot with wal2json holds every change from the moment it is created.
+/// The existing rows are copied in one repeatable-read transaction (no table lock), then the
+/// slot's changes are applied from its start: those already in the copy converge, as each is
+/// a whole row or a delete applied in commit order. Each PostgreSQL transaction becomes one
+/// Concord transaction, written together with its commit LSN; the slot is advanced only after
+/// that, so a crash of either side repeats transactions, which are then skipped, and never
+/// loses one. A dropped slot is created again, with a new copy whose pass also deletes the
+/// records that vanished meanwhile.
+public final class PostgresCapture: Service, Sendable {
+    public struct Configuration: Sendable {
+        /// `postgres://user[:password]@host[:port]/database`.
+        public var url: String
+        /// `schema.table` or `table` (schema `public`); each becomes the collection named after the table.
+        public var tables: [String]
+        /// The replication slot's name: lowercase letters, digits and underscores.
+        public var slot = "concord"
+        /// How long to wait before asking again when the slot has no changes.
+        public var pollInterval: Duration = .milliseconds(100)
+        /// Changes asked for at once (whole transactions are always taken).
+        public var changesPerPoll = 10_000
+        /// Records written per Concord transaction during the initial copy.
+        public var copyBatch = 1_000
+        public var backoffMaximum: Duration = .seconds(5)
+
+        public init(url: String, tables: [String]) {
+            self.url = url
+            self.tables = tables
+        }
+    }
+
+    /// A captured table.
+    struct Table: Sendable {
+        var schema: String
+        var name: String
+        var collection: String
+        var keyColumns: [String]
+        var columns: [(name: String, typeOID: UInt32)]
+    }
+
+    enum Marker {
+        static let phase = "postgres.phase"
+        static let lsn = "postgres.lsn"
+    }
+
+    public let configuration: Configuration
+    let store: PublisherStore
+    let logger: Logger
+
+    public init(configuration: Configuration, store: PublisherStore, logger: Logger) {
+        self.configuration = configuration
+        self.store = store
+        self.logger = logger
+    }
+
+    public func run() async throws {
+        try Self.validate(slot: configuration.slot)
+        var delay = Duration.milliseconds(100)
+        var slotBusySince: ContinuousClock.Instant?
+        while !(Task.isCancelled || Task.isShuttingDownGracefully) {
+            do {
+                try await cancelWhenGracefulShutdown { try await self.session() }
+                if Task.isCancelled || Task.isShuttingDownGracefully { return }
+            } catch let error as CancellationError {
+                // Only a shutdown ends the capture; a query cancelled under it is retried.
+                if Task.isCancelled || Task.isShuttingDownGracefully { return }
+                logger.warning("PostgreSQL query cancelled, retrying", metadata: ["error": "\(error)"])
+            } catch let error as ConcordError where error.code == .invalidConfiguration {
+                logger.error("capture stopped: \(error.message)")
+                throw error
+            } catch let error as CaptureError where error.sqlState == "55006" {
+                // A slot stays active for a moment after its last user died (kill -9); another
+                // live capture keeps it active.
+                let since = slotBusySince ?? .now
+                slotBusySince = since
+                if ContinuousClock.now - since > .seconds(15) {
+                    throw ConcordError(
+                        .invalidConfiguration,
+                        "replication slot \(configuration.slot) is in use by another process (\(error.message)); "
+                            + "another concord serve may capture this database: stop it, or give this one "
+                            + "another --slot")
+                }
+            } catch let error as CaptureError where Self.fatalStates.contains(error.sqlState) {
+                throw ConcordError(.invalidConfiguration, Self.advice(for: error))
+            } catch {
+                if Task.isCancelled || Task.isShuttingDownGracefully { return }
+                logger.warning(
+                    "PostgreSQL capture interrupted, retrying", metadata: ["error": "\(error)", "in": "\(delay)"])
+            }
+            try? await Task.sleep(for: delay)
+            delay = min(delay * 2, configuration.backoffMaximum)
+        }
+    }
+
+    /// SQLSTATEs that retrying cannot fix.
+    static let fatalStates: Set<String> = ["55000", "42501", "58P01", "42P01", "3D000", "28000", "28P01"]
+
+    static func advice(for error: CaptureError) -> String {
+        switch error.sqlState {
+        case "55000" where error.message.contains("wal_level"):
+            return "PostgreSQL's wal_level is not logical (\(error.message)): set wal_level = logical "
+                + "(ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
+        case "42501":
+            return "the role lacks a privilege (\(error.message)): it needs REPLICATION (ALTER ROLE name "
+                + "WITH REPLICATION) and SELECT on every captured table"
+        case "58P01":
+            return "the wal2json output plugin is missing (\(error.message)): install it "
+                + "(apt-get install postgresql-15-wal2json)"
+        default:
+            return error.message
+        }
+    }
+
+    static func validate(slot: String) throws {
+        guard !slot.isEmpty, slot.count <= 63,
+            slot.utf8.allSatisfy({ (0x61...0x7A).contains($0) || (0x30...0x39).contains($0) || $0 == 0x5F })
+        else {
+            throw ConcordError(
+                .invalidConfiguration, "--slot must be 1 to 63 lowercase letters, digits and underscores")
+        }
+    }
+
+    // MARK: A session
+
+    func session() async throws {
+        logger.debug("connecting to PostgreSQL", metadata: ["url": "\(PostgresSource.redacted(configuration.url))"])
+        let source = try await PostgresSource.connect(url: configuration.url, logger: logger)
+        do {
+            let tables = try await prepare(source)
+            let slotExists = try await ensureSlot(source)
+            let phase = try store.marker(Marker.phase)
+            if !slotExists || phase != "streaming" {
+                try await copy(tables)
+            }
+            try await stream(source, tables: tables)
+        } catch {
+            await source.close()
+            throw error
+        }
+        await source.close()
+    }
+
+    /// Checks what capture needs, with a message that says what to do when something is missing.
+    func prepare(_ source: PostgresSource) async throws -> [Table] {
+        let level = try await source.rows("SHOW wal_level").first?.decode(String.self) ?? ""
+        guard level == "logical" else {
+            throw ConcordError(
+                .invalidConfiguration,
+                "PostgreSQL's wal_level is \(level); logical decoding needs wal_level = logical: run "
+                    + "ALTER SYSTEM SET wal_level = logical and restart PostgreSQL")
+        }
+        let user = try await source.rows(
+            "SELECT current_user::text, rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user")
+        if let row = user.first {
+            let (name, allowed) = try row.decode((String, Bool).self)
+            guard allowed else {
+                throw ConcordError(
+                    .invalidConfiguration,
+                    "role \(name) may not use replication slots: ALTER ROLE \(name) WITH REPLICATION")
+            }
+        }
+        var tables: [Table] = []
+        for entry in configuration.tables {
+            let parts = entry.split(separator: ".", maxSplits: 1).map(String.init)
+            let (schema, name) = parts.count == 2 ? (parts[0], parts[1]) : ("public", parts[0])
+            let found = try await source.rows(
+                """
+                SELECT c.oid::int8, has_table_privilege(c.oid, 'SELECT') FROM pg_class c
+                JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = \(schema) AND c.relname = \(name) AND c.relkind IN ('r', 'p')
+                """)
+            guard let row = found.first else {
+                throw ConcordError(.invalidConfiguration, "no table \(schema).\(name) in the database")
+            }
+            let (oid, readable) = try row.decode((Int64, Bool).self)
+            guard readable else {
+                throw ConcordError(
+                    .invalidConfiguration, "the role may not read \(schema).\(name): GRANT SELECT ON it")
+            }
+            let keyColumns = try await source.rows(
+                """
+                SELECT a.attname::text FROM pg_constraint c
+                CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+                JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+                WHERE c.contype = 'p' AND c.conrelid = \(oid)::oid ORDER BY k.ord
+                """
+            ).map { try $0.decode(String.self) }
+            guard !keyColumns.isEmpty else {
+                throw ConcordError(
+                    .invalidConfiguration,
+                    "table \(schema).\(name) has no primary key, and Concord keys records by it: "
+                        + "ALTER TABLE \(schema).\(name) ADD PRIMARY KEY (...)")
+            }
+            let columns = try await source.rows(
+                """
+                SELECT attname::text, atttypid::int8 FROM pg_attribute
+                WHERE attrelid = \(oid)::oid AND attnum > 0 AND NOT attisdropped ORDER BY attnum
+                """
+            ).map { row in
+                let (column, type) = try row.decode((String, Int64).self)
+                return (name: column, typeOID: UInt32(truncatingIfNeeded: type))
+            }
+            do {
+                try CollectionName.validate(name)
+            } catch {
+                throw ConcordError(.invalidConfiguration, "table \(name) cannot name a collection: \(error)")
+            }
+            guard !tables.contains(where: { $0.name == name }) else {
+                throw ConcordError(.invalidConfiguration, "two captured tables are named \(name)")
+            }
+            tables.append(
+                Table(schema: schema, name: name, collection: name, keyColumns: keyColumns, columns: columns))
+        }
+        return tables
+    }
+
+    /// Creates the slot when it does not exist; returns whether it existed.
+    func ensureSlot(_ source: PostgresSource) async throws -> Bool {
+        let slot = configuration.slot
+        // Slot names are unique in the whole server, not per database.
+        let existing = try await source.rows(
+            """
+            SELECT plugin::text, database::text, current_database()::text FROM pg_replication_slots
+            WHERE slot_name = \(slot)
+            """)
+        if let row = existing.first {
+            let (plugin, database, current) = try row.decode((String?, String?, String).self)
+            guard database == current else {
+                throw ConcordError(
+                    .invalidConfiguration,
+                    "the replication slot \(slot) belongs to database \(database ?? "none"); slot names are shared "
+                        + "by the whole server: give this capture another --slot")
+            }
+            guard plugin == "wal2json" else {
+                throw ConcordError(
+                    .invalidConfiguration,
+                    "slot \(slot) uses the plugin \(plugin ?? "none"), not wal2json: give another --slot")
+            }
+            return true
+        }
+        // Everything committed from here on is kept by the slot; the copy that follows starts later.
+        try await store.write([], marker: (Marker.phase, "copying"))
+        _ = try await source.rows("SELECT lsn::text FROM pg_create_logical_replication_slot(\(slot), 'wal2json')")
+        logger.info("replication slot created", metadata: ["slot": "\(slot)"])
+        return false
+    }
+
+    // MARK: The initial copy
+
+    /// Copies every table's rows in one repeatable-read transaction, skipping records that are
+    /// already equal, and deletes the records the copy no longer holds.
+    func copy(_ tables: [Table]) async throws {
+        logger.info("copying the tables", metadata: ["tables": "\(tables.map(\.name).joined(separator: ","))"])
+        try await store.write([], marker: (Marker.phase, "copying"))
+        let source = try await PostgresSource.connect(url: configuration.url, logger: logger)
+        do {
+            try await source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            for table in tables {
+                try await copy(table, from: source)
+            }
+            try await source.execute("COMMIT")
+        } catch {
+            await source.close()
+            throw error
+        }
+        await source.close()
+        // The slot's changes are replayed from its start: the copy may already hold some.
+        try await store.write([], marker: (Marker.lsn, "0/0"))
+        try await store.write([], marker: (Marker.phase, "streaming"))
+    }
+
+    func copy(_ table: Table, from source: PostgresSource) async throws {
+        let started = ContinuousClock.now
+        let existing = Set(try await store.keys(of: table.collection))
+        let select = table.columns.map { column in
+            column.typeOID == PostgresDecoding.byteaType
+                ? "encode(\(PostgresSource.quote(column.name)), 'hex')" : "\(PostgresSource.quote(column.name))::text"
+        }.joined(separator: ", ")
+        let order = table.keyColumns.map(PostgresSource.quote).joined(separator: ", ")
+        let sql =
+            "SELECT \(select) FROM \(PostgresSource.quote(table.schema)).\(PostgresSource.quote(table.name)) ORDER BY \(order)"
+        var seen = Set<String>()
+        var batch: [WriteOperation] = []
+        var copied = 0
+        // A cursor read in pages: rows are written to the log between two fetches, and a row
+        // stream left waiting that long is not something to rely on.
+        try await source.execute("DECLARE concord_copy NO SCROLL CURSOR FOR \(sql)")
+        while true {
+            let rows = try await source.rows(PostgresQuery(unsafeSQL: "FETCH 5000 FROM concord_copy"))
+            if rows.isEmpty { break }
+            for row in rows {
+                let cells = row.makeRandomAccess()
+                var columns: [PostgresDecoding.Column] = []
+                columns.reserveCapacity(table.columns.count)
+                for (index, column) in table.columns.enumerated() {
+                    let text = try cells[index].decode(String?.self)
+                    columns.append(
+                        PostgresDecoding.Column(
+                            name: column.name, json: PostgresDecoding.json(text: text, typeOID: column.typeOID)))
+                }
+                let key = try PostgresDecoding.key(columns, keyColumns: table.keyColumns)
+                let value = PostgresDecoding.value(columns)
+                seen.insert(key)
+                if existing.contains(key), try await store.value(of: table.collection, key: key) == value { continue }
+                batch.append(.upsert(table.collection, key, json: value))
+                if batch.count >= configuration.copyBatch {
+                    try await store.write(batch)
+                    copied += batch.count
+                    batch.removeAll(keepingCapacity: true)
+                }
+            }
+        }
+        try await source.execute("CLOSE concord_copy")
+        // Records the copy no longer holds were deleted while no slot kept their deletes.
+        batch += existing.subtracting(seen).sorted().map { .delete(table.collection, $0) }
+        for start in stride(from: 0, to: batch.count, by: configuration.copyBatch) {
+            try await store.write(Array(batch[start..<min(batch.count, start + configuration.copyBatch)]))
+        }
+        copied += batch.count
+        logger.info(
+            "table copied",
+            metadata: [
+                "table": "\(table.schema).\(table.name)", "rows": "\(seen.count)", "written": "\(copied)",
+                "seconds": "\((ContinuousClock.now - started).components.seconds)",
+            ])
+    }
+
+    // MARK: Streaming
+
+    func stream(_ source: PostgresSource, tables: [Table]) async throws {
+        let byName = Dictionary(tables.map { ("\($0.schema).\($0.name)", $0) }, uniquingKeysWith: { first, _ in first })
+        let addTables = tables.map { Self.escapeForWal2JSON($0.schema) + "." + Self.escapeForWal2JSON($0.name) }
+            .joined(separator: ",")
+        var applied = PostgresDecoding.lsn(try store.marker(Marker.lsn) ?? "0/0") ?? 0
+        let slot = configuration.slot
+        let peek = """
+            SELECT data FROM pg_logical_slot_peek_changes('\(slot)', NULL, \(configuration.changesPerPoll),
+                'format-version', '2', 'include-lsn', '1', 'include-transaction', '1', 'include-types', '0',
+                'add-tables', '\(addTables.replacingOccurrences(of: "'", with: "''"))')
+            """
+        logger.info(
+            "capturing changes", metadata: ["slot": "\(slot)", "after": "\(PostgresDecoding.lsnText(applied))"])
+        while !(Task.isCancelled || Task.isShuttingDownGracefully) {
+            let rows: [PostgresRow]
+            do {
+                rows = try await source.rows(PostgresQuery(unsafeSQL: peek))
+            } catch {
+                let translated = error
+                if let failure = translated as? CaptureError, failure.sqlState == "42704" {
+                    // The slot was dropped: the changes since are lost to it, so copy again.
+                    logger.warning("replication slot \(slot) is gone; creating it again and copying the tables")
+                    try await store.write([], marker: (Marker.phase, "copying"))
+                }
+                throw translated
+            }
+            var transaction = TransactionBuilder(store: store, tables: byName)
+            var lastCommit: UInt64?
+            for row in rows {
+                let record = try PostgresDecoding.record(try row.decode(String.self))
+                switch record {
+                case .begin:
+                    transaction = TransactionBuilder(store: store, tables: byName)
+                case .commit(let lsn):
+                    if lsn > applied {
+                        try await store.write(
+                            transaction.operations, marker: (Marker.lsn, PostgresDecoding.lsnText(lsn)))
+                        applied = lsn
+                    }
+                    lastCommit = lsn
+                case .other:
+                    break
+                default:
+                    try await transaction.add(record)
+                }
+            }
+            if let lastCommit {
+                // Only now, with the changes durable in the log, may the slot let them go.
+                _ = try await source.rows(
+                    "SELECT end_lsn::text FROM pg_replication_slot_advance(\(slot), \(PostgresDecoding.lsnText(lastCommit))::pg_lsn)"
+                )
+            } else {
+                try await Task.sleep(for: configuration.pollInterval)
+            }
+        }
+    }
+
+    /// wal2json's `add-tables` takes `schema.table` with `,`, `.` and `*` escaped by a backslash.
+    static func escapeForWal2JSON(_ name: String) -> String {
+        var escaped = ""
+        for character in name {
+            if character == "," || character == "." || character == "*" || character == "\\" { escaped.append("\\") }
+            escaped.append(character)
+        }
+        return escaped
+    }
+}
+
+/// The Concord operations of one PostgreSQL transaction, built change by change; values the
+/// transaction wrote earlier are seen by its later changes.
+struct TransactionBuilder {
+    let store: PublisherStore
+    let tables: [String: PostgresCapture.Table]
+    private(set) var operations: [WriteOperation] = []
+    /// Records this transaction wrote (`nil`: deleted), by collection and key.
+    private var written: [String: [String: String?]] = [:]
+
+    init(store: PublisherStore, tables: [String: PostgresCapture.Table]) {
+        self.store = store
+        self.tables = tables
+    }
+
+    mutating func add(_ record: PostgresDecoding.Record) async throws {
+        switch record {
+        case .insert(let schema, let name, let columns):
+            guard let table = tables["\(schema).\(name)"] else { return }
+            upsert(table, key: try PostgresDecoding.key(columns, keyColumns: table.keyColumns), columns: columns)
+        case .update(let schema, let name, let columns, let identity):
+            guard let table = tables["\(schema).\(name)"] else { return }
+            let key = try PostgresDecoding.key(columns, keyColumns: table.keyColumns)
+            let oldKey = identity.isEmpty ? key : try PostgresDecoding.key(identity, keyColumns: table.keyColumns)
+            // Values stored out of line that the update left alone come from the row before it.
+            let full = try PostgresDecoding.merged(columns, previous: try await current(table, key: oldKey))
+            if oldKey != key { delete(table, key: oldKey) }
+            upsert(table, key: key, columns: full)
+        case .delete(let schema, let name, let identity):
+            guard let table = tables["\(schema).\(name)"] else { return }
+            delete(table, key: try PostgresDecoding.key(identity, keyColumns: table.keyColumns))
+        case .truncate(let schema, let name):
+            guard let table = tables["\(schema).\(name)"] else { return }
+            var keys = Set(try await store.keys(of: table.collection))
+            for (key, value) in written[table.collection] ?? [:] {
+                if value == nil { keys.remove(key) } else { keys.insert(key) }
+            }
+            for key in keys.sorted() { delete(table, key: key) }
+        case .begin, .commit, .other:
+            break
+        }
+    }
+
+    func current(_ table: PostgresCapture.Table, key: String) async throws -> String? {
+        if let value = written[table.collection]?[key] { return value }
+        return try await store.value(of: table.collection, key: key)
+    }
+
+    mutating func upsert(_ table: PostgresCapture.Table, key: String, columns: [PostgresDecoding.Column]) {
+        let value = PostgresDecoding.value(columns)
+        operations.append(.upsert(table.collection, key, json: value))
+        written[table.collection, default: [:]][key] = .some(value)
+    }
+
+    mutating func delete(_ table: PostgresCapture.Table, key: String) {
+        operations.append(.delete(table.collection, key))
+        written[table.collection, default: [:]][key] = .some(nil)
+    }
+}

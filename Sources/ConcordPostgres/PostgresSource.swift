@@ -1,0 +1,145 @@
+import ConcordCore
+import Foundation
+import Logging
+import PostgresNIO
+import Synchronization
+
+/// A connection to a PostgreSQL database with the session settings that make every value's
+/// text the same whether it is read by SQL or decoded from the WAL.
+struct PostgresSource {
+    let connection: PostgresConnection
+    let logger: Logger
+
+    static func configuration(url: String) throws -> PostgresConnection.Configuration {
+        guard let components = URLComponents(string: url), ["postgres", "postgresql"].contains(components.scheme),
+            let host = components.host, let user = components.user
+        else {
+            throw ConcordError(
+                .invalidConfiguration, "--postgres must look like postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
+        }
+        let database = components.path.hasPrefix("/") ? String(components.path.dropFirst()) : components.path
+        return PostgresConnection.Configuration(
+            host: host, port: components.port ?? 5432, username: user, password: components.password,
+            database: database.isEmpty ? user : database, tls: .disable)
+    }
+
+    static func connect(url: String, logger: Logger) async throws -> PostgresSource {
+        let configuration = try configuration(url: url)
+        let connection: PostgresConnection
+        do {
+            connection = try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger)
+        } catch {
+            throw ConcordError(.unavailable, "cannot connect to PostgreSQL at \(redacted(url)): \(describe(error))")
+        }
+        let source = PostgresSource(connection: connection, logger: logger)
+        // wal2json writes values with the decoding session's output functions: pin the settings
+        // that change them, here and in the session that reads the initial copy.
+        do {
+            for setting in [
+                "SET TimeZone TO 'UTC'", "SET DateStyle TO 'ISO, MDY'", "SET IntervalStyle TO 'postgres'",
+                "SET extra_float_digits TO 1", "SET bytea_output TO 'hex'",
+            ] {
+                try await source.execute(setting)
+            }
+        } catch {
+            await source.close()
+            throw error
+        }
+        return source
+    }
+
+    func close() async {
+        try? await connection.close()
+    }
+
+    func execute(_ sql: String) async throws {
+        _ = try await rows(PostgresQuery(unsafeSQL: sql))
+    }
+
+    /// How long one statement may take before the connection is given up.
+    static let statementDeadline: Duration = .seconds(30)
+
+    /// Runs `query` and collects its rows. A connection the server dropped mid-statement
+    /// (a restart) can leave the await unanswered; past the deadline it is closed and the
+    /// statement fails, so the capture reconnects instead of waiting forever.
+    func rows(_ query: PostgresQuery) async throws -> [PostgresRow] {
+        let connection = self.connection
+        let logger = self.logger
+        return try await withCheckedThrowingContinuation { continuation in
+            let outcome = StatementOutcome(continuation)
+            let work = Task {
+                do {
+                    outcome.finish(.success(try await connection.query(query, logger: logger).collect()))
+                } catch {
+                    outcome.finish(.failure(Self.translate(error, doing: query.sql)))
+                }
+            }
+            Task {
+                try? await Task.sleep(for: Self.statementDeadline)
+                guard !outcome.isFinished else { return }
+                work.cancel()
+                let _: EventLoopFuture<Void> = connection.close()
+                outcome.finish(
+                    .failure(
+                        ConcordError(
+                            .unavailable,
+                            "PostgreSQL did not answer within \(Self.statementDeadline): \(query.sql.prefix(60))")))
+            }
+        }
+    }
+
+    /// The URL without its password, for messages.
+    static func redacted(_ url: String) -> String {
+        guard var components = URLComponents(string: url), components.password != nil else { return url }
+        components.password = "***"
+        return components.string ?? url
+    }
+
+    /// PostgreSQL's SQLSTATE and message, or the error's description.
+    static func describe(_ error: any Error) -> String {
+        if let error = error as? PSQLError, let message = error.serverInfo?[.message] {
+            return "\(message) (SQLSTATE \(error.serverInfo?[.sqlState] ?? "?"))"
+        }
+        return String(reflecting: error)
+    }
+
+    static func sqlState(_ error: any Error) -> String? {
+        (error as? PSQLError)?.serverInfo?[.sqlState]
+    }
+
+    /// A server's refusal keeps its SQLSTATE in ``CaptureError``; a lost connection is `.unavailable`.
+    static func translate(_ error: any Error, doing sql: String) -> any Error {
+        if error is ConcordError || error is CaptureError || error is CancellationError { return error }
+        if let state = sqlState(error) {
+            return CaptureError(sqlState: state, message: describe(error))
+        }
+        return ConcordError(.unavailable, "PostgreSQL connection failed: \(describe(error))")
+    }
+
+    /// `"Name"` quoted for SQL.
+    static func quote(_ identifier: String) -> String {
+        "\"" + identifier.replacingOccurrences(of: "\"", with: "\"\"") + "\""
+    }
+}
+
+/// An error PostgreSQL answered with, by SQLSTATE.
+struct CaptureError: Error, CustomStringConvertible {
+    var sqlState: String
+    var message: String
+    var description: String { message }
+}
+
+/// Resumes a statement's caller once: with its rows, its error, or the deadline's error.
+final class StatementOutcome: Sendable {
+    let continuation: CheckedContinuation<[PostgresRow], any Error>
+    private let finished = Atomic<Bool>(false)
+
+    init(_ continuation: CheckedContinuation<[PostgresRow], any Error>) { self.continuation = continuation }
+
+    var isFinished: Bool { finished.load(ordering: .acquiring) }
+
+    func finish(_ result: Result<[PostgresRow], any Error>) {
+        guard !finished.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        continuation.resume(with: result)
+    }
+}

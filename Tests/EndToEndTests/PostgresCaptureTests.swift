@@ -1,0 +1,281 @@
+import ConcordClient
+import ConcordCore
+import ConcordSQLite
+import Foundation
+import Synchronization
+import Testing
+
+/// `concord serve --postgres` against a real PostgreSQL 15 with wal2json: every kind of change,
+/// crashes, a dropped slot and a restarted server, checked against the tables by SQL.
+@Suite(.serialized) struct PostgresCaptureTests {
+    static let customers = """
+        CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text, balance numeric(12,2),
+            active bool, meta jsonb, avatar bytea, note text)
+        """
+    static let orderLines =
+        "CREATE TABLE order_lines (order_no text, line int, qty int, note text, PRIMARY KEY (order_no, line))"
+    static let customerColumns =
+        "id::text, name, email, balance::text, active::text, meta::text, encode(avatar, 'hex'), note"
+    static let customerNames = ["id", "name", "email", "balance", "active", "meta", "avatar", "note"]
+
+    /// The sentinel's table comes last: the copy takes tables in this order and the stream in
+    /// commit order, so its row arrives after everything written before it.
+    static let tables = "public.customers,public.order_lines,public.sentinels"
+
+    static func serve(_ folder: URL, url: String, port: Int = 0) async throws -> (ConcordProcess, Int) {
+        try await ConcordProcess.serve(
+            db: folder.appendingPathComponent("source.sqlite").path, port: port,
+            extra: ["--postgres", url, "--tables", tables, "--poll-interval-ms", "20", "--slot", slot(url)],
+            log: folder.appendingPathComponent("serve.log").path)
+    }
+
+    /// Slot names are shared by the whole server: one per test database.
+    static func slot(_ url: String) -> String {
+        "s_" + (URLComponents(string: url)?.path.dropFirst() ?? "")
+    }
+
+    /// Writes the sentinel row, then waits until the replica holds it and is verified at the publisher's head.
+    static func waitForSentinel(
+        _ replica: ReplicaStore, url: String, log: URL, timeout: Duration = .seconds(90)
+    ) async throws {
+        let session = try await SQLSession.connect(url)
+        try await session.run("INSERT INTO sentinels VALUES (1)")
+        await session.close()
+        defer {
+            // On failure, what the publisher said is the first thing to read.
+            if (try? replica.records(of: "sentinels").isEmpty) != false {
+                let text = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+                Issue.record("concord serve's log:\n\(text.split(separator: "\n").suffix(30).joined(separator: "\n"))")
+            }
+        }
+        try await Harness.waitUntil("the replica holds the sentinel and is verified", timeout: timeout) {
+            guard let state = try replica.state(), state.progress.phase == .following else { return false }
+            let held = try replica.records(of: "sentinels").contains { $0.key == "1" }
+            return held && state.position == state.sourceHead && state.verifiedLSN == state.position
+        }
+    }
+
+    /// Compares a replica's collection with the rows an SQL query returns, column by column.
+    static func differences(
+        _ replica: ReplicaStore, collection: String, sql: SQLSession, query: String, columns: [String],
+        key: ([String?]) -> String
+    ) async throws -> [String] {
+        var expected: [String: [String?]] = [:]
+        for row in try await sql.texts(query) { expected[key(row)] = row }
+        var found: [String] = []
+        let records = try replica.records(of: collection)
+        for record in records {
+            guard let want = expected.removeValue(forKey: record.key) else {
+                found.append("extra \(record.key)")
+                continue
+            }
+            let scanner = JSONScanner(record.value)
+            var held: [String: String?] = [:]
+            try scanner.forEachMember(of: try scanner.document()) { (name, value) throws(ConcordError) in
+                switch value.kind {
+                case .null: held[name] = .some(nil)
+                case .string: held[name] = try scanner.decodeString(value)
+                default: held[name] = String(decoding: scanner.bytes[value.range], as: UTF8.self)
+                }
+            }
+            for (index, column) in columns.enumerated() where held[column] != .some(want[index]) {
+                found.append(
+                    "\(record.key).\(column): \(String(describing: held[column])) != \(String(describing: want[index]))"
+                )
+            }
+        }
+        found += expected.keys.sorted().map { "missing \($0)" }
+        return found
+    }
+
+    static func expectEqualToTables(_ replica: ReplicaStore, sql: SQLSession) async throws {
+        let customers = try await differences(
+            replica, collection: "customers", sql: sql,
+            query: "SELECT \(customerColumns) FROM customers", columns: customerNames
+        ) { $0[0]! }
+        #expect(customers.isEmpty, "customers: \(customers.prefix(5))")
+        let lines = try await differences(
+            replica, collection: "order_lines", sql: sql,
+            query: "SELECT order_no, line::text, qty::text, note FROM order_lines",
+            columns: ["order_no", "line", "qty", "note"]
+        ) { "[\"\($0[0]!)\",\"\($0[1]!)\"]" }
+        #expect(lines.isEmpty, "order_lines: \(lines.prefix(5))")
+    }
+
+    @Test func everyKindOfChangeReachesAReplicaEqualToTheTables() async throws {
+        let url = try await PostgresHarness.database()
+        let sql = try await SQLSession.connect(url)
+        try await sql.run(Self.customers)
+        try await sql.run(Self.orderLines)
+        try await sql.run("CREATE TABLE sentinels (id int PRIMARY KEY)")
+        try await sql.run(
+            """
+            INSERT INTO customers SELECT g, 'customer ' || g, 'c' || g || '@example.com', g * 1.25, g % 2 = 0,
+                '{"tier": "basic"}', '\\xdeadbeef', NULL FROM generate_series(1, 3000) g
+            """)
+        try await sql.run(
+            "INSERT INTO order_lines SELECT 'o' || (g / 3), g % 3, g, NULL FROM generate_series(1, 600) g")
+        let folder = Harness.folder()
+        let (server, port) = try await Self.serve(folder, url: url)
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
+            // Written while the tables are being copied.
+            try await sql.run(
+                "INSERT INTO customers (id, name) SELECT g, 'late ' || g FROM generate_series(3001, 3100) g")
+            try await sql.run("UPDATE customers SET name = 'renamed ' || id, balance = NULL WHERE id % 10 = 0")
+            try await sql.run("DELETE FROM customers WHERE id % 7 = 0")
+            // One transaction of several statements.
+            try await sql.run("BEGIN")
+            try await sql.run("INSERT INTO customers (id, name, active) VALUES (5000, 'in a transaction', true)")
+            try await sql.run("UPDATE customers SET email = NULL, meta = NULL, avatar = NULL WHERE id < 50")
+            try await sql.run("DELETE FROM customers WHERE id BETWEEN 60 AND 69")
+            try await sql.run("COMMIT")
+            // A value stored out of line, then an update that leaves it alone (wal2json omits it).
+            try await sql.run(
+                """
+                INSERT INTO customers (id, name, note)
+                SELECT 6000, 'toasted', string_agg(md5(random()::text), '') FROM generate_series(1, 800)
+                """)
+            try await sql.run("UPDATE customers SET name = 'toasted, renamed' WHERE id = 6000")
+            try await sql.run("UPDATE customers SET id = 6001 WHERE id = 6000")
+            // Composite keys: one half of the key changes; then the table is truncated and refilled.
+            try await sql.run("UPDATE order_lines SET line = line + 100, note = 'moved' WHERE order_no = 'o5'")
+            try await sql.run("UPDATE order_lines SET qty = qty * 2 WHERE order_no = 'o7'")
+            try await sql.run("TRUNCATE order_lines")
+            try await sql.run("INSERT INTO order_lines VALUES ('after', 1, 1, 'x'), ('after', 2, 2, NULL)")
+            try await Self.waitForSentinel(replica, url: url, log: folder.appendingPathComponent("serve.log"))
+        }
+        try await Self.expectEqualToTables(replica, sql: sql)
+        let toasted = try replica.records(of: "customers").first { $0.key == "6001" }
+        #expect(toasted?.value.contains("toasted, renamed") == true)
+        #expect(
+            (toasted?.value.utf8.count ?? 0) > 25_000, "the out-of-line note survived two updates that left it alone")
+        // Writes over HTTP are refused: the database owns the records.
+        #expect(server.terminate() == 0)
+        await sql.close()
+    }
+
+    @Test func crashesADroppedSlotAndARestartedServerLoseNothing() async throws {
+        let url = try await PostgresHarness.database()
+        let sql = try await SQLSession.connect(url)
+        try await sql.run(Self.customers)
+        try await sql.run(Self.orderLines)
+        try await sql.run("CREATE TABLE sentinels (id int PRIMARY KEY)")
+        try await sql.run(
+            "INSERT INTO customers (id, name, balance) SELECT g, 'customer ' || g, g FROM generate_series(1, 40000) g")
+        let folder = Harness.folder()
+        let (first, firstPort) = try await Self.serve(folder, url: url)
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        // kill -9 while the tables are copied.
+        try await Harness.waitUntil("the copy is under way", timeout: .seconds(60)) {
+            try await Self.publisherCount(port: firstPort) > 0
+        }
+        #expect(try await Self.publisherCount(port: firstPort) < 40_000, "killed during the copy")
+        first.kill9()
+        let (second, port) = try await Self.serve(folder, url: url)
+        let servers = Mutex([second])
+        try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
+            let writer = Task { try await Self.write(url: url, transactions: 400, seed: 1) }
+            try await Task.sleep(for: .milliseconds(700))
+            // kill -9 while streaming, with writes going on; the replica keeps retrying the same port.
+            servers.withLock { $0.last! }.kill9()
+            let (third, _) = try await Self.serve(folder, url: url, port: port)
+            servers.withLock { $0.append(third) }
+            try await writer.value
+            // The slot is dropped behind Concord's back: it copies again and deletes what vanished.
+            try await Harness.waitUntil("the slot is dropped", timeout: .seconds(30)) {
+                (try? await sql.run("SELECT pg_drop_replication_slot('\(Self.slot(url))')")) != nil
+            }
+            try await Self.write(url: url, transactions: 200, seed: 2)
+            // PostgreSQL itself restarts.
+            await sql.close()
+            _ = try PostgresHarness.restart()
+            try await Self.write(url: url, transactions: 200, seed: 3)
+            try await Self.waitForSentinel(
+                replica, url: url, log: folder.appendingPathComponent("serve.log"), timeout: .seconds(120))
+        }
+        let check = try await SQLSession.connect(url)
+        try await Self.expectEqualToTables(replica, sql: check)
+        #expect(servers.withLock { $0.last! }.terminate() == 0)
+        await check.close()
+    }
+
+    @Test func configurationErrorsSayWhatToDo() async throws {
+        let url = try await PostgresHarness.database()
+        let sql = try await SQLSession.connect(url)
+        try await sql.run("CREATE TABLE events (message text)")
+        try await sql.run(Self.customers)
+        try await sql.run("DROP ROLE IF EXISTS plain_role")
+        try await sql.run("CREATE ROLE plain_role LOGIN")
+        let folder = Harness.folder()
+        let db = folder.appendingPathComponent("source.sqlite").path
+        var (status, message) = try Self.run([
+            "serve", "--db", db, "--port", "0", "--postgres", url, "--tables", "public.events",
+        ])
+        #expect(
+            status == 2 && message.contains("has no primary key") && message.contains("ADD PRIMARY KEY"), "\(message)")
+        (status, message) = try Self.run([
+            "serve", "--db", db, "--port", "0", "--postgres", url, "--tables", "public.nope",
+        ])
+        #expect(status == 2 && message.contains("no table public.nope"), "\(message)")
+        var plain = URLComponents(string: url)!
+        plain.user = "plain_role"
+        (status, message) = try Self.run([
+            "serve", "--db", db, "--port", "0", "--postgres", plain.string!, "--tables", "public.customers",
+        ])
+        #expect(status == 2 && message.contains("WITH REPLICATION"), "\(message)")
+        (status, message) = try Self.run(["serve", "--db", db, "--port", "0", "--tables", "public.customers"])
+        #expect(status != 0 && message.contains("--tables goes with --postgres"), "\(message)")
+        await sql.close()
+    }
+
+    // MARK: Helpers
+
+    static func publisherCount(port: Int) async throws -> Int {
+        let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() }
+        let feed = try? await SourceClient(baseURL: "http://127.0.0.1:\(port)", http: http).feed()
+        return feed?.collections.reduce(0) { $0 + $1.count } ?? 0
+    }
+
+    /// Random transactions of inserts, updates and deletes on customers and order lines.
+    static func write(url: String, transactions: Int, seed: UInt64) async throws {
+        let session = try await SQLSession.connect(url)
+        var generator = SeededGenerator(seed: seed)
+        for _ in 0..<transactions {
+            try await session.run("BEGIN")
+            for _ in 0..<Int.random(in: 1...3, using: &generator) {
+                let id = Int.random(in: 1...45_000, using: &generator)
+                switch Int.random(in: 0..<4, using: &generator) {
+                case 0:
+                    try await session.run(
+                        "INSERT INTO customers (id, name) VALUES (\(id), 'new \(id)') ON CONFLICT (id) DO UPDATE SET name = 'again \(id)'"
+                    )
+                case 1:
+                    try await session.run(
+                        "UPDATE customers SET balance = \(id % 1000).5, active = true WHERE id = \(id)")
+                case 2: try await session.run("DELETE FROM customers WHERE id = \(id)")
+                default:
+                    try await session.run(
+                        "INSERT INTO order_lines VALUES ('o\(id % 50)', \(id % 7), \(id), 'n') ON CONFLICT DO NOTHING")
+                }
+            }
+            try await session.run("COMMIT")
+        }
+        await session.close()
+    }
+
+    /// Runs `concord ARGUMENTS` to its end; returns its exit status and standard error.
+    static func run(_ arguments: [String]) throws -> (Int32, String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Harness.binary)
+        process.arguments = arguments + ["--log-level", "critical"]
+        let errors = Pipe()
+        process.standardError = errors
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        return (process.terminationStatus, text)
+    }
+}
