@@ -67,6 +67,14 @@ public final class PostgresCapture: Service, Sendable {
         var delay = Duration.milliseconds(100)
         var slotBusySince: ContinuousClock.Instant?
         while !(Task.isCancelled || Task.isShuttingDownGracefully) {
+            let started = ContinuousClock.now
+            defer {
+                // A session that ran a while ended a streak of failures.
+                if ContinuousClock.now - started > .seconds(30) {
+                    delay = .milliseconds(100)
+                    slotBusySince = nil
+                }
+            }
             do {
                 try await cancelWhenGracefulShutdown { try await self.session() }
                 if Task.isCancelled || Task.isShuttingDownGracefully { return }
@@ -89,6 +97,12 @@ public final class PostgresCapture: Service, Sendable {
                             + "another concord serve may capture this database: stop it, or give this one "
                             + "another --slot")
                 }
+            } catch let error as ConcordError
+                where [.tooLarge, .invalidRequest, .protocolViolation].contains(error.code)
+            {
+                // The same transaction would fail again on every retry while the slot holds the WAL.
+                throw ConcordError(
+                    .invalidConfiguration, "a captured change cannot be stored (\(error.code)): \(error.message)")
             } catch let error as CaptureError where Self.fatalStates.contains(error.sqlState) {
                 throw ConcordError(.invalidConfiguration, Self.advice(for: error))
             } catch {
@@ -174,14 +188,28 @@ public final class PostgresCapture: Service, Sendable {
             let (schema, name) = parts.count == 2 ? (parts[0], parts[1]) : ("public", parts[0])
             let found = try await source.rows(
                 """
-                SELECT c.oid::int8, has_table_privilege(c.oid, 'SELECT') FROM pg_class c
-                JOIN pg_namespace n ON n.oid = c.relnamespace
+                SELECT c.oid::int8, has_table_privilege(c.oid, 'SELECT'), c.relreplident::text, c.relkind::text
+                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE n.nspname = \(schema) AND c.relname = \(name) AND c.relkind IN ('r', 'p')
                 """)
             guard let row = found.first else {
                 throw ConcordError(.invalidConfiguration, "no table \(schema).\(name) in the database")
             }
-            let (oid, readable) = try row.decode((Int64, Bool).self)
+            let (oid, readable, identity, kind) = try row.decode((Int64, Bool, String, String).self)
+            guard kind == "r" else {
+                throw ConcordError(
+                    .invalidConfiguration,
+                    "\(schema).\(name) is partitioned: its changes are decoded under the partitions' names; "
+                        + "capture the partitions instead")
+            }
+            // Without the old key, updates and deletes do not reach the slot at all.
+            guard identity == "d" || identity == "f" else {
+                throw ConcordError(
+                    .invalidConfiguration,
+                    "\(schema).\(name) has REPLICA IDENTITY \(identity == "n" ? "NOTHING" : "USING INDEX"): its "
+                        + "updates and deletes would not carry the primary key: ALTER TABLE \(schema).\(name) "
+                        + "REPLICA IDENTITY DEFAULT")
+            }
             guard readable else {
                 throw ConcordError(
                     .invalidConfiguration, "the role may not read \(schema).\(name): GRANT SELECT ON it")
@@ -428,7 +456,10 @@ struct TransactionBuilder {
             let key = try PostgresDecoding.key(columns, keyColumns: table.keyColumns)
             let oldKey = identity.isEmpty ? key : try PostgresDecoding.key(identity, keyColumns: table.keyColumns)
             // Values stored out of line that the update left alone come from the row before it.
-            let full = try PostgresDecoding.merged(columns, previous: try await current(table, key: oldKey))
+            // After a copy the row may already sit under its new key.
+            var previous = try await current(table, key: oldKey)
+            if previous == nil { previous = try await current(table, key: key) }
+            let full = try PostgresDecoding.merged(columns, previous: previous)
             if oldKey != key { delete(table, key: oldKey) }
             upsert(table, key: key, columns: full)
         case .delete(let schema, let name, let identity):

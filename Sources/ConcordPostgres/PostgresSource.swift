@@ -9,6 +9,7 @@ import Synchronization
 struct PostgresSource {
     let connection: PostgresConnection
     let logger: Logger
+    let waiting = WaitingStatements()
 
     static func configuration(url: String) throws -> PostgresConnection.Configuration {
         guard let components = URLComponents(string: url), ["postgres", "postgresql"].contains(components.scheme),
@@ -32,6 +33,8 @@ struct PostgresSource {
             throw ConcordError(.unavailable, "cannot connect to PostgreSQL at \(redacted(url)): \(describe(error))")
         }
         let source = PostgresSource(connection: connection, logger: logger)
+        let waiting = source.waiting
+        connection.closeFuture.whenComplete { _ in waiting.closed() }
         // wal2json writes values with the decoding session's output functions: pin the settings
         // that change them, here and in the session that reads the initial copy.
         do {
@@ -56,34 +59,28 @@ struct PostgresSource {
         _ = try await rows(PostgresQuery(unsafeSQL: sql))
     }
 
-    /// How long one statement may take before the connection is given up.
-    static let statementDeadline: Duration = .seconds(30)
-
-    /// Runs `query` and collects its rows. A connection the server dropped mid-statement
-    /// (a restart) can leave the await unanswered; past the deadline it is closed and the
-    /// statement fails, so the capture reconnects instead of waiting forever.
+    /// Runs `query` and collects its rows.
+    ///
+    /// A connection the server drops in the middle of a statement (a restart) can leave the
+    /// query's await unanswered; the connection's close fails every statement still waiting,
+    /// so the capture reconnects instead of waiting forever. Slow statements are left alone.
     func rows(_ query: PostgresQuery) async throws -> [PostgresRow] {
         let connection = self.connection
         let logger = self.logger
+        let waiting = self.waiting
         return try await withCheckedThrowingContinuation { continuation in
             let outcome = StatementOutcome(continuation)
-            let work = Task {
+            guard waiting.add(outcome) else {
+                outcome.finish(.failure(ConcordError(.unavailable, "the PostgreSQL connection is closed")))
+                return
+            }
+            Task {
                 do {
                     outcome.finish(.success(try await connection.query(query, logger: logger).collect()))
                 } catch {
                     outcome.finish(.failure(Self.translate(error, doing: query.sql)))
                 }
-            }
-            Task {
-                try? await Task.sleep(for: Self.statementDeadline)
-                guard !outcome.isFinished else { return }
-                work.cancel()
-                let _: EventLoopFuture<Void> = connection.close()
-                outcome.finish(
-                    .failure(
-                        ConcordError(
-                            .unavailable,
-                            "PostgreSQL did not answer within \(Self.statementDeadline): \(query.sql.prefix(60))")))
+                waiting.remove(outcome)
             }
         }
     }
@@ -127,6 +124,35 @@ struct CaptureError: Error, CustomStringConvertible {
     var sqlState: String
     var message: String
     var description: String { message }
+}
+
+/// The statements waiting on one connection, failed together when it closes.
+final class WaitingStatements: Sendable {
+    private let state = Mutex<(open: Bool, outcomes: [ObjectIdentifier: StatementOutcome])>((true, [:]))
+
+    /// Registers a statement; false when the connection is already closed.
+    func add(_ outcome: StatementOutcome) -> Bool {
+        state.withLock { state in
+            guard state.open else { return false }
+            state.outcomes[ObjectIdentifier(outcome)] = outcome
+            return true
+        }
+    }
+
+    func remove(_ outcome: StatementOutcome) {
+        _ = state.withLock { $0.outcomes.removeValue(forKey: ObjectIdentifier(outcome)) }
+    }
+
+    func closed() {
+        let outcomes = state.withLock { state in
+            state.open = false
+            defer { state.outcomes = [:] }
+            return Array(state.outcomes.values)
+        }
+        for outcome in outcomes {
+            outcome.finish(.failure(ConcordError(.unavailable, "the PostgreSQL connection closed during a statement")))
+        }
+    }
 }
 
 /// Resumes a statement's caller once: with its rows, its error, or the deadline's error.

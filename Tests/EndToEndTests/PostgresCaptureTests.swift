@@ -102,12 +102,18 @@ import Testing
         #expect(lines.isEmpty, "order_lines: \(lines.prefix(5))")
     }
 
-    @Test func everyKindOfChangeReachesAReplicaEqualToTheTables() async throws {
+    /// A new database with the captured tables; returns its URL and a session on it.
+    static func database() async throws -> (String, SQLSession) {
         let url = try await PostgresHarness.database()
         let sql = try await SQLSession.connect(url)
-        try await sql.run(Self.customers)
-        try await sql.run(Self.orderLines)
+        try await sql.run(customers)
+        try await sql.run(orderLines)
         try await sql.run("CREATE TABLE sentinels (id int PRIMARY KEY)")
+        return (url, sql)
+    }
+
+    @Test func everyKindOfChangeReachesAReplicaEqualToTheTables() async throws {
+        let (url, sql) = try await Self.database()
         try await sql.run(
             """
             INSERT INTO customers SELECT g, 'customer ' || g, 'c' || g || '@example.com', g * 1.25, g % 2 = 0,
@@ -151,16 +157,22 @@ import Testing
         #expect(
             (toasted?.value.utf8.count ?? 0) > 25_000, "the out-of-line note survived two updates that left it alone")
         // Writes over HTTP are refused: the database owns the records.
+        let http = SourceClient.makeHTTPClient()
+        do {
+            try await SourceClient(baseURL: "http://127.0.0.1:\(port)", http: http).write([
+                .upsert("customers", "9", json: "{}")
+            ])
+            Issue.record("a write over HTTP was accepted")
+        } catch let error as ConcordError {
+            #expect(error.code == .writesRefused)
+        }
+        try await http.shutdown()
         #expect(server.terminate() == 0)
         await sql.close()
     }
 
     @Test func crashesADroppedSlotAndARestartedServerLoseNothing() async throws {
-        let url = try await PostgresHarness.database()
-        let sql = try await SQLSession.connect(url)
-        try await sql.run(Self.customers)
-        try await sql.run(Self.orderLines)
-        try await sql.run("CREATE TABLE sentinels (id int PRIMARY KEY)")
+        let (url, sql) = try await Self.database()
         try await sql.run(
             "INSERT INTO customers (id, name, balance) SELECT g, 'customer ' || g, g FROM generate_series(1, 40000) g")
         let folder = Harness.folder()
