@@ -378,6 +378,7 @@ public final class Subscriber: Service, Sendable {
         var lines = LineSplitter()
         let bootstrapping = try store.state()?.progress.phase == .bootstrapping
         let pipeline = ApplyPipeline()
+        let hashesAhead = configuration.verification && !bootstrapping
         /// Hands whole transactions (and a checkpoint that follows them) to the pipeline; while
         /// bootstrapping, waits for them, as the bootstrap may complete with any of them.
         func submit(checkpoint: Checkpoint? = nil) async throws -> Bool {
@@ -410,7 +411,12 @@ public final class Subscriber: Service, Sendable {
                         }
                     case .checkpoint(let checkpoint):
                         guard try await submit(checkpoint: checkpoint) else { return }
-                    case .item(let item):
+                    case .item(var item):
+                        // Hashed here, while the previous batch is written.
+                        if hashesAhead, case .change(var change) = item, change.value != nil {
+                            change.after = Element(change)
+                            item = .change(change)
+                        }
                         if case .gap(let expected, let received) = sequencer.receive(item) {
                             logger.warning(
                                 "gap in stream, refilling by pull",

@@ -22,6 +22,9 @@ public struct Change: Sendable, Hashable {
     /// The element of the record this change replaces (`nil`: there was none), so a reader
     /// can update a digest in O(1) or rewind one.
     public var before: Element?
+    /// The element this change makes, when a reader hashed it ahead of writing it, off the
+    /// write path; `nil`: not computed (`Element(change)` computes it).
+    public var after: Element?
 
     public init(
         lsn: LSN, collection: String, key: String, operation: ChangeOperation, value: String?, isCommit: Bool,

@@ -50,7 +50,8 @@ struct DigestTracker {
     mutating func didApply(_ change: Change) throws {
         guard let index = index(of: change.collection) else { return }
         let after =
-            exactFromDisk ? try Self.element(of: change.collection, key: change.key, in: db) : Element(change)
+            exactFromDisk
+            ? try Self.element(of: change.collection, key: change.key, in: db) : change.after ?? Element(change)
         record(at: index, before: before, after: after)
     }
 
