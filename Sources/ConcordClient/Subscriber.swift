@@ -107,8 +107,7 @@ public final class Subscriber: Service, Sendable {
         let feed = try await client.feed()
         var state = try store.state()
         if state == nil {
-            let available = feed.collections.map(\.name)
-            let paged = configuration.collections.map { wanted in available.filter(wanted.contains) } ?? available
+            let paged = Self.followed(feed, filter: configuration.collections)
             state = try await store.initialize(
                 feedID: feed.feedID, source: configuration.source, head: feed.head, collections: paged,
                 filter: configuration.collections)
@@ -261,14 +260,19 @@ public final class Subscriber: Service, Sendable {
 
     // MARK: Bootstrap
 
+    /// The feed's collections a replica pages through: those the filter names, or all.
+    static func followed(_ feed: FeedInfo, filter: [String]?) -> [String] {
+        let available = feed.collections.map(\.name)
+        return filter.map { wanted in available.filter(wanted.contains) } ?? available
+    }
+
     /// The log no longer reaches back to this bootstrapping replica: the changes that would
     /// bring its copied pages up to date are gone, so it pages every collection again from the
     /// source's head, keeping (and merging by version) what it copied.
     func restartBootstrap() async throws {
         let feed = try await client.feed()
         guard let state = try store.state() else { return }
-        let available = feed.collections.map(\.name)
-        let collections = state.collections.map { wanted in available.filter(wanted.contains) } ?? available
+        let collections = Self.followed(feed, filter: state.collections)
         logger.warning(
             "the source's log no longer reaches back to this bootstrapping replica, copying again from the head",
             metadata: ["position": "\(state.position)", "oldest": "\(feed.oldest)", "head": "\(feed.head)"])
@@ -495,13 +499,6 @@ final class ApplyPipeline: Sendable {
             return keepGoing
         }
         running.withLock { $0 = task }
-    }
-
-    func submit(_ work: @escaping @Sendable () async throws -> Void) async throws {
-        try await submit(stoppingUnless: {
-            try await work()
-            return true
-        })
     }
 
     /// Waits for the batch in flight; rethrows its error.

@@ -287,8 +287,9 @@ public final class PostgresCapture: Service, Sendable {
     /// Copies every table's rows in one repeatable-read transaction, skipping records that are
     /// already equal, and deletes the records the copy no longer holds.
     func copy(_ tables: [Table]) async throws {
+        // The phase is already "copying" (written before the slot was made, or when it vanished),
+        // or unset for a slot made elsewhere: either way a copy cut short runs again.
         logger.info("copying the tables", metadata: ["tables": "\(tables.map(\.name).joined(separator: ","))"])
-        try await store.write([], marker: (Marker.phase, "copying"))
         let source = try await PostgresSource.connect(url: configuration.url, logger: logger)
         do {
             try await source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
