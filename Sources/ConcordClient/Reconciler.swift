@@ -66,7 +66,7 @@ public struct Reconciler: Sendable {
     /// Compares `local` (the replica's sketch of `collection`) with the source at `lsn`, and
     /// with `repair` writes the differences into `store`.
     public func reconcile(
-        _ collection: String, at lsn: LSN, local: RatelessSketch, store: ReplicaStore, repair: Bool
+        _ collection: String, at lsn: LSN, local: RatelessSketch, store: any ReplicaStoring, repair: Bool
     ) async throws -> ReconciliationReport {
         let started = ContinuousClock.now
         var report = ReconciliationReport(collection: collection, lsn: lsn)

@@ -6,7 +6,7 @@ import NIOCore
 import ServiceLifecycle
 import Synchronization
 
-/// Keeps a ``ReplicaStore`` equal to a publisher's feed: bootstraps a new replica from
+/// Keeps a replica (``ReplicaStoring``) equal to a publisher's feed: bootstraps a new replica from
 /// snapshot pages while following the log, then applies the live stream.
 ///
 /// Runs until cancelled or shut down gracefully. Network failures and publisher
@@ -45,14 +45,14 @@ public final class Subscriber: Service, Sendable {
     }
 
     public let configuration: Configuration
-    public let store: ReplicaStore
+    public let store: any ReplicaStoring
     let client: SourceClient
     let logger: Logger
     let activityBox = ActivityBox()
     let reconciler: Reconciler
     let nextScrub: Mutex<ContinuousClock.Instant>
 
-    public init(configuration: Configuration, store: ReplicaStore, http: HTTPClient, logger: Logger) {
+    public init(configuration: Configuration, store: any ReplicaStoring, http: HTTPClient, logger: Logger) {
         self.configuration = configuration
         self.store = store
         var clientConfiguration = SourceClient.Configuration()
@@ -105,7 +105,7 @@ public final class Subscriber: Service, Sendable {
     func session(resetting backoff: inout Backoff) async throws {
         activityBox.value = .starting
         let feed = try await client.feed()
-        var state = try store.state()
+        var state = try await store.state()
         if state == nil {
             let paged = Self.followed(feed, filter: configuration.collections)
             state = try await store.initialize(
@@ -146,7 +146,7 @@ public final class Subscriber: Service, Sendable {
         let digests = Dictionary(
             feed.collections.compactMap { collection in collection.digest.map { (collection.name, $0) } },
             uniquingKeysWith: { first, _ in first })
-        if try store.state()?.position == feed.head, digests.count == feed.collections.count {
+        if try await store.state()?.position == feed.head, digests.count == feed.collections.count {
             try await verify(Checkpoint(lsn: feed.head, digests: digests))
         }
         if let interval = configuration.scrubInterval, nextScrub.withLock({ $0 }) <= .now {
@@ -166,8 +166,8 @@ public final class Subscriber: Service, Sendable {
     /// Builds digests and sketches from the stored rows when they are not known yet, once
     /// changes apply in LSN order.
     func prepareDigests() async throws {
-        guard configuration.verification, let state = try store.state(), state.progress.phase == .following,
-            state.progress.applyMode(position: state.position) == .ordered, try !store.digestsReady()
+        guard configuration.verification, let state = try await store.state(), state.progress.phase == .following,
+            state.progress.applyMode(position: state.position) == .ordered, try await !store.digestsReady()
         else { return }
         activityBox.value = .verifying
         let started = ContinuousClock.now
@@ -179,7 +179,7 @@ public final class Subscriber: Service, Sendable {
 
     /// Re-hashes the stored rows; repairs the collections changed behind Concord's back.
     public func scrub() async throws {
-        guard configuration.verification, let state = try store.state(), state.progress.phase == .following,
+        guard configuration.verification, let state = try await store.state(), state.progress.phase == .following,
             state.progress.applyMode(position: state.position) == .ordered
         else { return }
         activityBox.value = .verifying
@@ -212,7 +212,7 @@ public final class Subscriber: Service, Sendable {
                     scanned[collection]
                     ?? ScannedCollection(
                         collection: collection, digest: .empty,
-                        sketch: RatelessSketch(capacity: ReplicaStore.sketchCapacity))
+                        sketch: RatelessSketch(capacity: ReplicaSketch.capacity))
                 try await store.adopt(rows)
                 try await reconcile(collection, at: checkpoint.lsn, local: rows.sketch)
             }
@@ -242,7 +242,7 @@ public final class Subscriber: Service, Sendable {
     /// collection against the source's state at its head, then follow from there.
     func recoverPastRetention() async throws {
         let feed = try await client.feed()
-        guard let state = try store.state() else { return }
+        guard let state = try await store.state() else { return }
         logger.warning(
             "the source's log no longer reaches back to this replica, reconciling",
             metadata: ["position": "\(state.position)", "oldest": "\(feed.oldest)", "head": "\(feed.head)"])
@@ -250,7 +250,7 @@ public final class Subscriber: Service, Sendable {
         // and another when following resumes.
         try await prepareDigests()
         let followed = state.collections.map(Set.init)
-        var names = Set(feed.collections.map(\.name)).union(try store.collections())
+        var names = Set(feed.collections.map(\.name)).union(try await store.collections())
         if let followed { names.formIntersection(followed) }
         for collection in names.sorted() {
             try await reconcile(collection, at: feed.head, local: try await store.sketch(of: collection))
@@ -271,7 +271,7 @@ public final class Subscriber: Service, Sendable {
     /// source's head, keeping (and merging by version) what it copied.
     func restartBootstrap() async throws {
         let feed = try await client.feed()
-        guard let state = try store.state() else { return }
+        guard let state = try await store.state() else { return }
         let collections = Self.followed(feed, filter: state.collections)
         logger.warning(
             "the source's log no longer reaches back to this bootstrapping replica, copying again from the head",
@@ -308,7 +308,7 @@ public final class Subscriber: Service, Sendable {
                 }
                 // Keep the log applied alongside, so the replica never falls far behind;
                 // a page read at the replica's position says there is nothing to pull.
-                if let position = try store.state()?.position, current.lsn > position {
+                if let position = try await store.state()?.position, current.lsn > position {
                     _ = try await pull(maxRounds: 1)
                 }
                 copied += current.records.count
@@ -333,7 +333,7 @@ public final class Subscriber: Service, Sendable {
         }
         while true {
             if try await store.completeBootstrapIfReady() {
-                let position = try store.state()?.position ?? 0
+                let position = try await store.state()?.position ?? 0
                 logger.info("bootstrap complete", metadata: ["position": "\(position)"])
                 return
             }
@@ -350,7 +350,7 @@ public final class Subscriber: Service, Sendable {
     func pull(maxRounds: Int = .max, until target: LSN? = nil) async throws -> Int {
         var total = 0
         for _ in 0..<maxRounds {
-            guard let position = try store.state()?.position else { return total }
+            guard let position = try await store.state()?.position else { return total }
             if let target, position >= target { return total }
             let (items, head) = try await client.changes(
                 after: position, limit: configuration.pullLimit, collections: configuration.collections)
@@ -376,11 +376,11 @@ public final class Subscriber: Service, Sendable {
     /// ``ApplyPipeline`` that writes one batch while the next is parsed, so the two cores
     /// share the work instead of taking turns.
     func follow() async throws {
-        guard let position = try store.state()?.position else { return }
+        guard let position = try await store.state()?.position else { return }
         let response = try await client.stream(after: position, collections: configuration.collections)
         var sequencer = ChangeSequencer(after: position)
         var lines = LineSplitter()
-        let bootstrapping = try store.state()?.progress.phase == .bootstrapping
+        let bootstrapping = try await store.state()?.progress.phase == .bootstrapping
         let pipeline = ApplyPipeline()
         let hashesAhead = configuration.verification && !bootstrapping
         /// Hands whole transactions (and a checkpoint that follows them) to the pipeline; while
@@ -470,7 +470,7 @@ public final class Subscriber: Service, Sendable {
     /// comparison moved the replica (a collection to copy again), so the session starts over.
     func verifyAt(_ checkpoint: Checkpoint) async throws -> Bool {
         try await verify(checkpoint)
-        let state = try store.state()
+        let state = try await store.state()
         return state?.position == checkpoint.lsn && state?.progress.phase == .following
     }
 }

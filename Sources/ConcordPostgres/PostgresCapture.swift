@@ -29,7 +29,7 @@ public final class PostgresCapture: Service, Sendable {
         /// Changes asked for at once (whole transactions are always taken).
         public var changesPerPoll = 10_000
         /// Records written per Concord transaction during the initial copy.
-        public var copyBatch = 1_000
+        public var copyBatch = 5_000
         public var backoffMaximum: Duration = .seconds(5)
 
         public init(url: String, tables: [String]) {
@@ -319,6 +319,7 @@ public final class PostgresCapture: Service, Sendable {
             "SELECT \(select) FROM \(PostgresSource.quote(table.schema)).\(PostgresSource.quote(table.name)) ORDER BY \(order)"
         var seen = Set<String>()
         var batch: [WriteOperation] = []
+        var writing: Task<Void, any Error>?
         var copied = 0
         // A cursor read in pages: rows are written to the log between two fetches, and a row
         // stream left waiting that long is not something to rely on.
@@ -342,12 +343,17 @@ public final class PostgresCapture: Service, Sendable {
                 if existing.contains(key), try await store.value(of: table.collection, key: key) == value { continue }
                 batch.append(.upsert(table.collection, key, json: value))
                 if batch.count >= configuration.copyBatch {
-                    try await store.write(batch)
+                    // Written while the next rows are fetched and encoded.
+                    try await writing?.value
+                    let full = batch
+                    let store = self.store
+                    writing = Task { try await store.write(full) }
                     copied += batch.count
                     batch.removeAll(keepingCapacity: true)
                 }
             }
         }
+        try await writing?.value
         try await source.execute("CLOSE concord_copy")
         // Records the copy no longer holds were deleted while no slot kept their deletes.
         batch += existing.subtracting(seen).sorted().map { .delete(table.collection, $0) }
@@ -456,11 +462,15 @@ struct TransactionBuilder {
             guard let table = tables["\(schema).\(name)"] else { return }
             let key = try PostgresDecoding.key(columns, keyColumns: table.keyColumns)
             let oldKey = identity.isEmpty ? key : try PostgresDecoding.key(identity, keyColumns: table.keyColumns)
-            // Values stored out of line that the update left alone come from the row before it.
-            // After a copy the row may already sit under its new key.
-            var previous = try await current(table, key: oldKey)
-            if previous == nil { previous = try await current(table, key: key) }
-            let full = try PostgresDecoding.merged(columns, previous: previous)
+            // Values stored out of line that the update left alone (wal2json leaves them out) come
+            // from the row before it; after a copy the row may already sit under its new key.
+            var full = columns
+            let given = Set(columns.map(\.name))
+            if !table.columns.allSatisfy({ given.contains($0.name) }) {
+                var previous = try await current(table, key: oldKey)
+                if previous == nil { previous = try await current(table, key: key) }
+                full = try PostgresDecoding.merged(columns, previous: previous)
+            }
             if oldKey != key { delete(table, key: oldKey) }
             upsert(table, key: key, columns: full)
         case .delete(let schema, let name, let identity):

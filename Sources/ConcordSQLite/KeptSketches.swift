@@ -4,7 +4,7 @@ import Synchronization
 /// A replica's in-memory sketches, kept off the apply path: an apply transaction only queues
 /// its element changes, and a background task folds them in on the other core. A reader
 /// drains the queue first, so it always sees the sketches of the committed rows.
-final class KeptSketches: Sendable {
+package final class KeptSketches: Sendable {
     /// Changes queued before a background drain is started.
     static let drainThreshold = 8192
 
@@ -17,8 +17,10 @@ final class KeptSketches: Sendable {
     private let sets = Mutex<SketchSet?>(nil)
     private let pending = Mutex(Pending())
 
+    package init() {}
+
     /// Queues the element changes of a committed transaction (dropped while no sketches are built).
-    func queue(_ changes: [PublisherStore.ElementChange]) {
+    package func queue(_ changes: [PublisherStore.ElementChange]) {
         guard !changes.isEmpty else { return }
         let schedule = pending.withLock { pending in
             pending.changes.append(contentsOf: changes)
@@ -30,7 +32,7 @@ final class KeptSketches: Sendable {
     }
 
     /// Applies every queued change.
-    func drain() {
+    package func drain() {
         sets.withLock { set in
             let changes = pending.withLock { pending in
                 pending.scheduled = false
@@ -48,7 +50,7 @@ final class KeptSketches: Sendable {
     }
 
     /// Installs sketches built from the rows as they are now: queued changes are already in them.
-    func install(_ set: SketchSet?) {
+    package func install(_ set: SketchSet?) {
         sets.withLock { current in
             current = set
             pending.withLock { $0.changes.removeAll() }
@@ -56,18 +58,18 @@ final class KeptSketches: Sendable {
     }
 
     /// Forgets the sketches (they no longer describe the rows); a scan builds them again.
-    func invalidate() { install(nil) }
+    package func invalidate() { install(nil) }
 
     /// Replaces one collection's sketch by one scanned from its rows now.
-    func replace(_ collection: String, by sketch: RatelessSketch) {
+    package func replace(_ collection: String, by sketch: RatelessSketch) {
         drain()
         sets.withLock { $0?.set(collection, sketch) }
     }
 
-    var isBuilt: Bool { sets.withLock { $0 != nil } }
+    package var isBuilt: Bool { sets.withLock { $0 != nil } }
 
     /// The kept sketch of `collection`, up to date with every committed transaction.
-    func sketch(of collection: String) -> RatelessSketch? {
+    package func sketch(of collection: String) -> RatelessSketch? {
         drain()
         return sets.withLock { $0?.sketch(of: collection) }
     }

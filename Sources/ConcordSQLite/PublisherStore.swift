@@ -247,10 +247,16 @@ public final class PublisherStore: Sendable {
     }
 
     /// What one change did to the elements of its collection.
-    struct ElementChange {
-        var collection: String
-        var before: Element?
-        var after: Element?
+    package struct ElementChange: Sendable {
+        package var collection: String
+        package var before: Element?
+        package var after: Element?
+
+        package init(collection: String, before: Element?, after: Element?) {
+            self.collection = collection
+            self.before = before
+            self.after = after
+        }
     }
 
     private static func append(_ operations: [WriteOperation], in db: Database) throws -> (LSN, [ElementChange]) {

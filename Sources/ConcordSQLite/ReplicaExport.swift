@@ -2,9 +2,6 @@ import ConcordCore
 import Foundation
 import GRDB
 
-/// Progress of a long export or import: records done of the total.
-public typealias RecordProgress = @Sendable (_ done: Int, _ total: Int) -> Void
-
 extension ReplicaStore {
     /// Closes the file; the store must not be used afterwards.
     public func close() throws {

@@ -3,37 +3,13 @@ import Foundation
 import GRDB
 import Synchronization
 
-/// What a replica knows about itself, stored in `concord_state`.
-public struct ReplicaState: Sendable, Hashable {
-    public var feedID: String
-    public var source: String
-    /// The last LSN applied; data and position commit together.
-    public var position: LSN
-    public var progress: BootstrapProgress
-    /// The collections this replica follows; `nil`: all.
-    public var collections: [String]?
-    /// Changes applied since the replica was created.
-    public var appliedChanges: Int
-    /// Source head last seen, for lag.
-    public var sourceHead: LSN
-    public var updatedAt: Date
-    /// The last LSN at which every followed collection's digest equalled the source's checkpoint.
-    public var verifiedLSN: LSN = 0
-    public var verifiedAt: Date?
-    /// Reconciliations that changed something, and the records they wrote or deleted.
-    public var repairs: Int = 0
-    public var repairedRecords: Int = 0
-    /// Checkpoints or scrubs that found a difference.
-    public var mismatches: Int = 0
-}
-
 /// A replica on SQLite: one plain table per collection (`key`, `version`, `value`) that
 /// services query with SQL, and Concord's own state in `concord_` tables.
 ///
 /// Every method that changes data also moves the position or bootstrap cursor in the
 /// same transaction, so a crash at any point leaves a state the subscriber resumes from
 /// without losing or repeating a change.
-public final class ReplicaStore: Sendable {
+public final class ReplicaStore: ReplicaStoring {
     public struct Configuration: Sendable {
         /// `.normal` (default): a crash loses nothing; a power loss may lose the last
         /// transactions, and the subscriber fetches them again because the position rolls back with them.
@@ -52,6 +28,7 @@ public final class ReplicaStore: Sendable {
     }
 
     public let path: String
+    public var location: String { path }
     public let configuration: Configuration
     let pool: DatabasePool
 

@@ -93,29 +93,8 @@ struct DigestTracker {
     }
 }
 
-/// What a replica's stored rows hash to, from a scan.
-public struct ScannedCollection: Sendable {
-    public var collection: String
-    public var digest: CollectionDigest
-    public var sketch: RatelessSketch
-
-    public init(collection: String, digest: CollectionDigest, sketch: RatelessSketch) {
-        self.collection = collection
-        self.digest = digest
-        self.sketch = sketch
-    }
-}
-
-/// How a checkpoint compared with the replica.
-public enum CheckpointOutcome: Sendable, Equatable {
-    case verified
-    /// The replica cannot judge this checkpoint (not at its LSN, merging, or digests being rebuilt).
-    case notJudged
-    case mismatch(collections: [String])
-}
-
 extension ReplicaStore {
-    public static let sketchCapacity = 4096
+    public static let sketchCapacity = ReplicaSketch.capacity
 
     /// Queues element changes for the in-memory sketches (dropped while they are not built).
     func updateSketches(_ changes: [PublisherStore.ElementChange]) {

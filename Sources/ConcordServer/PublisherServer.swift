@@ -229,7 +229,9 @@ struct API: Sendable {
             body: ResponseBody { writer in
                 var cursor = after
                 var sent = 0
-                var checkpointed = after
+                // A checkpoint at `after` itself is sent too: a subscriber that reached the head by
+                // pulling waits for one at its own position to be verified while the feed is idle.
+                var checkpointed = after == 0 ? 0 : after - 1
                 // Ends at a transaction boundary once the publisher begins to shut down.
                 while !Task.isCancelled, !store.headWatch.isClosed {
                     let items = try await store.items(

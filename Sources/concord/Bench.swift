@@ -5,6 +5,7 @@ import ConcordSQLite
 import ConcordServer
 import Foundation
 import Logging
+import PostgresNIO
 
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -16,7 +17,8 @@ struct Bench: AsyncParsableCommand {
             rows initially in 5.05 s.
             """)
 
-    @Argument(help: "What to measure: stream, bootstrap, upkeep, reconcile, export or all.")
+    @Argument(
+        help: "What to measure: stream, bootstrap, upkeep, reconcile, export, all, or postgres (needs --postgres).")
     var what: String = "all"
 
     @Option(help: "Changes per streaming phase.")
@@ -25,7 +27,21 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Records for the bootstrap benchmark.")
     var records = 1_000_000
 
-    @Flag(help: "Keep the temporary folder.")
+    @Option(
+        help: """
+            For bench postgres: a PostgreSQL 15 server with wal_level=logical and wal2json, as a superuser \
+            URL (scripts/bench-postgres.sh starts a throwaway one). Its concord_bench_* databases are replaced.
+            """)
+    var postgres: String?
+
+    @Option(
+        help: """
+            For bench postgres: the server for the replicas (PostgreSQL's subscription and Concord's \
+            replica); default: --postgres.
+            """)
+    var replicaPostgres: String?
+
+    @Flag(help: "Keep the temporary folder (and the PostgreSQL benchmark's databases).")
     var keep = false
 
     @OptionGroup var output: OutputOptions
@@ -42,8 +58,8 @@ struct Bench: AsyncParsableCommand {
 
     func run() async throws {
         let logger = global.bootstrapLogging(label: "concord.bench")
-        guard ["stream", "bootstrap", "upkeep", "reconcile", "export", "all"].contains(what) else {
-            throw ValidationError("measure stream, bootstrap, upkeep, reconcile, export or all")
+        guard ["stream", "bootstrap", "upkeep", "reconcile", "export", "all", "postgres"].contains(what) else {
+            throw ValidationError("measure stream, bootstrap, upkeep, reconcile, export, all or postgres")
         }
         let folder = FileManager.default.temporaryDirectory.appendingPathComponent("concord-bench-\(getpid())")
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
@@ -63,6 +79,14 @@ struct Bench: AsyncParsableCommand {
         }
         if what == "export" || what == "all" {
             try await exportBenchmark(folder: folder, logger: logger, results: &results)
+        }
+        if what == "postgres" {
+            do {
+                try await postgresBenchmark(folder: folder, logger: logger, results: &results)
+            } catch let error as PSQLError {
+                // PostgresNIO hides the server's message unless asked.
+                throw ConcordError(.storage, String(reflecting: error))
+            }
         }
         if output.json {
             let data = try JSONSerialization.data(withJSONObject: results, options: [.prettyPrinted, .sortedKeys])

@@ -2,6 +2,7 @@ import ArgumentParser
 import AsyncHTTPClient
 import ConcordClient
 import ConcordCore
+import ConcordPostgres
 import ConcordSQLite
 import Foundation
 import Logging
@@ -9,7 +10,7 @@ import ServiceLifecycle
 
 struct Follow: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Keep a SQLite replica equal to a publisher's feed.",
+        abstract: "Keep a replica (SQLite file or PostgreSQL schema) equal to a publisher's feed.",
         discussion: """
             A new replica is bootstrapped from snapshot pages while the log is followed; then
             the live stream is applied, each source transaction atomically with the position.
@@ -20,7 +21,17 @@ struct Follow: AsyncParsableCommand {
     var source: String = "http://127.0.0.1:7070"
 
     @Option(help: "The replica's SQLite file (created if missing).")
-    var db: String
+    var db: String?
+
+    @Option(
+        help: """
+            Keep the replica in this PostgreSQL database instead (postgres://USER[:PASSWORD]@HOST[:PORT]/DB): \
+            one table per collection, in --schema.
+            """)
+    var postgres: String?
+
+    @Option(help: "With --postgres: the schema holding the replica's tables (created if missing).")
+    var schema = "public"
 
     @Option(help: "Follow only these collections (comma-separated).")
     var collections: String?
@@ -57,14 +68,30 @@ struct Follow: AsyncParsableCommand {
                 return name
             }
         }
-        var storeConfiguration = ReplicaStore.Configuration()
-        storeConfiguration.auditAppliedChanges = auditApplied
-        storeConfiguration.tracksDigests = !noVerification
-        let store = try ReplicaStore(path: db, configuration: storeConfiguration)
-        if let state = try store.state(), let filter, Set(filter) != Set(state.collections ?? []) {
+        let store: any ReplicaStoring
+        switch (db, postgres) {
+        case (let db?, nil):
+            var storeConfiguration = ReplicaStore.Configuration()
+            storeConfiguration.auditAppliedChanges = auditApplied
+            storeConfiguration.tracksDigests = !noVerification
+            store = try ReplicaStore(path: db, configuration: storeConfiguration)
+        case (nil, let postgres?):
+            var storeConfiguration = PostgresReplicaStore.Configuration(schema: schema)
+            storeConfiguration.tracksDigests = !noVerification
+            do {
+                store = try await PostgresReplicaStore.open(
+                    url: postgres, configuration: storeConfiguration, logger: logger)
+            } catch let error as ConcordError {
+                FileHandle.printError("error: \(error.message)")
+                throw ExitCode(2)
+            }
+        default:
+            throw ValidationError("give the replica's place: --db FILE or --postgres URL (one of them)")
+        }
+        if let state = try await store.state(), let filter, Set(filter) != Set(state.collections ?? []) {
             throw ValidationError(
-                "\(db) follows \(state.collections?.joined(separator: ",") ?? "all collections"); "
-                    + "start a new replica file to follow others")
+                "\(store.location) follows \(state.collections?.joined(separator: ",") ?? "all collections"); "
+                    + "start a new replica to follow others")
         }
         var configuration = Subscriber.Configuration(source: source, collections: filter)
         configuration.pageSize = pageSize
@@ -87,5 +114,6 @@ struct Follow: AsyncParsableCommand {
             throw error
         }
         try await http.shutdown()
+        await (store as? PostgresReplicaStore)?.close()
     }
 }

@@ -2,25 +2,31 @@ import ArgumentParser
 import AsyncHTTPClient
 import ConcordClient
 import ConcordCore
+import ConcordPostgres
 import ConcordSQLite
 import Foundation
+import Logging
 
 struct Status: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show a publisher's feed, a replica's position and lag, or both.",
-        discussion: "With --source: the feed's head, retention and collections. With --db: the replica's state.")
+        discussion: """
+            With --source: the feed's head, retention and collections. With --db (or --postgres and \
+            --schema): the replica's state.
+            """)
 
     @Option(help: "A publisher's URL.")
     var source: String?
 
-    @Option(help: "A replica's SQLite file.")
-    var db: String?
+    @OptionGroup var place: ReplicaPlace
 
     @OptionGroup var output: OutputOptions
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
-        if source == nil, db == nil { throw ValidationError("give --source URL, --db PATH, or both") }
+        if source == nil, place.db == nil, place.postgres == nil {
+            throw ValidationError("give --source URL, a replica (--db PATH or --postgres URL), or both")
+        }
     }
 
     func run() async throws {
@@ -37,12 +43,12 @@ struct Status: AsyncParsableCommand {
             }
         }
         var replica: ReplicaState?
-        if let db {
-            guard FileManager.default.fileExists(atPath: db) else {
-                FileHandle.printError("error: no replica at \(db)")
-                throw ExitCode(1)
-            }
-            replica = try ReplicaStore(path: db).state()
+        var location = ""
+        if place.db != nil || place.postgres != nil {
+            let store = try await place.open(logger: Logger(label: "concord.status"))
+            location = store.location
+            replica = try await store.state()
+            await (store as? PostgresReplicaStore)?.close()
         }
         let head = feed?.head ?? replica?.sourceHead
         if output.json {
@@ -81,7 +87,7 @@ struct Status: AsyncParsableCommand {
         }
         if let replica {
             if feed != nil { print("") }
-            print("replica     \(db ?? "")")
+            print("replica     \(location)")
             print(
                 "feed        \(replica.feedID)\(feed.map { $0.feedID == replica.feedID ? "" : "  (differs from the source!)" } ?? "")"
             )

@@ -2,6 +2,7 @@ import ArgumentParser
 import AsyncHTTPClient
 import ConcordClient
 import ConcordCore
+import ConcordPostgres
 import ConcordSQLite
 import Foundation
 import Logging
@@ -19,8 +20,7 @@ struct Verify: AsyncParsableCommand {
     @Option(help: "The publisher's URL.")
     var source: String = "http://127.0.0.1:7070"
 
-    @Option(help: "The replica's SQLite file.")
-    var db: String
+    @OptionGroup var replica: ReplicaPlace
 
     @Flag(help: "Write what the source holds for the keys that differ.")
     var repair = false
@@ -36,12 +36,19 @@ struct Verify: AsyncParsableCommand {
 
     func run() async throws {
         let logger = global.bootstrapLogging(label: "concord.verify")
-        guard FileManager.default.fileExists(atPath: db) else {
-            FileHandle.printError("error: no replica at \(db)")
-            throw ExitCode(1)
+        let store = try await replica.open(logger: logger)
+        do {
+            try await verify(store, logger: logger)
+        } catch {
+            await (store as? PostgresReplicaStore)?.close()
+            throw error
         }
-        let store = try ReplicaStore(path: db)
-        guard let state = try store.state() else {
+        await (store as? PostgresReplicaStore)?.close()
+    }
+
+    func verify(_ store: any ReplicaStoring, logger: Logger) async throws {
+        let db = store.location
+        guard let state = try await store.state() else {
             FileHandle.printError("error: \(db) is not initialized; run concord follow first")
             throw ExitCode(1)
         }
@@ -61,7 +68,7 @@ struct Verify: AsyncParsableCommand {
             let pastRetention = state.position + 1 < feed.oldest
             let lsn = pastRetention ? feed.head : state.position
             let reconciler = Reconciler(client: client, logger: logger)
-            var names = Set(feed.collections.map(\.name)).union(try store.collections())
+            var names = Set(feed.collections.map(\.name)).union(try await store.collections())
             if let followed = state.collections { names.formIntersection(followed) }
             let hashing = ProgressLine("hash stored rows", unit: "rows", quiet: quiet || output.json)
             let scanned = try await store.scanAll(progress: hashing.update)
@@ -69,7 +76,7 @@ struct Verify: AsyncParsableCommand {
             let reconciling = ProgressLine(
                 repair ? "reconcile and repair" : "reconcile", unit: "collections", quiet: quiet || output.json)
             for (index, name) in names.sorted().enumerated() {
-                let local = scanned[name]?.sketch ?? RatelessSketch(capacity: ReplicaStore.sketchCapacity)
+                let local = scanned[name]?.sketch ?? RatelessSketch(capacity: ReplicaSketch.capacity)
                 reports.append(
                     try await reconciler.reconcile(name, at: lsn, local: local, store: store, repair: repair))
                 reconciling.update(index + 1, names.count)
@@ -126,6 +133,40 @@ func print(report reports: [ReconciliationReport], json: Bool, maxKeys: Int) {
         where !keys.isEmpty {
             let shown = keys.prefix(maxKeys).joined(separator: ", ")
             print("  \(kind): \(shown)\(keys.count > maxKeys ? ", … (\(keys.count - maxKeys) more)" : "")")
+        }
+    }
+}
+
+/// An existing replica: a SQLite file, or a schema in a PostgreSQL database.
+struct ReplicaPlace: ParsableArguments {
+    @Option(help: "The replica's SQLite file.")
+    var db: String?
+
+    @Option(help: "Or the PostgreSQL database holding the replica (postgres://USER[:PASSWORD]@HOST[:PORT]/DB).")
+    var postgres: String?
+
+    @Option(help: "With --postgres: the replica's schema.")
+    var schema = "public"
+
+    func validate() throws {
+        if db != nil, postgres != nil { throw ValidationError("give --db or --postgres, not both") }
+    }
+
+    /// Opens the replica without creating anything; prints why and exits 1 when there is none.
+    func open(logger: Logger) async throws -> any ReplicaStoring {
+        do {
+            if let postgres {
+                return try await PostgresReplicaStore.open(
+                    url: postgres, configuration: .init(schema: schema), creating: false, logger: logger)
+            }
+            guard let db else { throw ValidationError("give the replica: --db PATH or --postgres URL") }
+            guard FileManager.default.fileExists(atPath: db) else {
+                throw ConcordError(.storage, "no replica at \(db)")
+            }
+            return try ReplicaStore(path: db)
+        } catch let error as ConcordError {
+            FileHandle.printError("error: \(error.message)")
+            throw ExitCode(1)
         }
     }
 }

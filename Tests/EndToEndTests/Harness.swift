@@ -43,7 +43,8 @@ enum Harness {
     }
 
     /// Differences between the source's records and a replica's, per key (missing, extra or different).
-    static func differences(source: PublisherStore, replica: ReplicaStore, collections: [String]? = nil) async throws
+    static func differences(source: PublisherStore, replica: any ReplicaStoring, collections: [String]? = nil)
+        async throws
         -> [String]
     {
         var names = collections ?? []
@@ -52,7 +53,7 @@ enum Harness {
         for name in names {
             var expected: [String: ConcordCore.Record] = [:]
             for record in try await source.records(of: name) { expected[record.key] = record }
-            for record in try replica.records(of: name) {
+            for record in try await replica.records(of: name) {
                 if let match = expected.removeValue(forKey: record.key) {
                     if match != record { found.append("\(name)/\(record.key): stale") }
                 } else {

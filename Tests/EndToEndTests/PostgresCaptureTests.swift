@@ -18,6 +18,17 @@ import Testing
         "id::text, name, email, balance::text, active::text, meta::text, encode(avatar, 'hex'), note"
     static let customerNames = ["id", "name", "email", "balance", "active", "meta", "avatar", "note"]
 
+    /// The initial rows of the captured tables.
+    static func fillInitialRows(_ sql: SQLSession) async throws {
+        try await sql.run(
+            """
+            INSERT INTO customers SELECT g, 'customer ' || g, 'c' || g || '@example.com', g * 1.25, g % 2 = 0,
+                '{"tier": "basic"}', '\\xdeadbeef', NULL FROM generate_series(1, 3000) g
+            """)
+        try await sql.run(
+            "INSERT INTO order_lines SELECT 'o' || (g / 3), g % 3, g, NULL FROM generate_series(1, 600) g")
+    }
+
     /// The sentinel's table comes last: the copy takes tables in this order and the stream in
     /// commit order, so its row arrives after everything written before it.
     static let tables = "public.customers,public.order_lines,public.sentinels"
@@ -36,34 +47,34 @@ import Testing
 
     /// Writes the sentinel row, then waits until the replica holds it and is verified at the publisher's head.
     static func waitForSentinel(
-        _ replica: ReplicaStore, url: String, log: URL, timeout: Duration = .seconds(90)
+        _ replica: any ReplicaStoring, url: String, log: URL, timeout: Duration = .seconds(90)
     ) async throws {
         let session = try await SQLSession.connect(url)
         try await session.run("INSERT INTO sentinels VALUES (1)")
         await session.close()
-        defer {
-            // On failure, what the publisher said is the first thing to read.
-            if (try? replica.records(of: "sentinels").isEmpty) != false {
-                let text = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
-                Issue.record("concord serve's log:\n\(text.split(separator: "\n").suffix(30).joined(separator: "\n"))")
+        do {
+            try await Harness.waitUntil("the replica holds the sentinel and is verified", timeout: timeout) {
+                guard let state = try await replica.state(), state.progress.phase == .following else { return false }
+                let held = try await replica.records(of: "sentinels").contains { $0.key == "1" }
+                return held && state.position == state.sourceHead && state.verifiedLSN == state.position
             }
-        }
-        try await Harness.waitUntil("the replica holds the sentinel and is verified", timeout: timeout) {
-            guard let state = try replica.state(), state.progress.phase == .following else { return false }
-            let held = try replica.records(of: "sentinels").contains { $0.key == "1" }
-            return held && state.position == state.sourceHead && state.verifiedLSN == state.position
+        } catch {
+            // What the publisher said is the first thing to read.
+            let text = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+            Issue.record("concord serve's log:\n\(text.split(separator: "\n").suffix(30).joined(separator: "\n"))")
+            throw error
         }
     }
 
     /// Compares a replica's collection with the rows an SQL query returns, column by column.
     static func differences(
-        _ replica: ReplicaStore, collection: String, sql: SQLSession, query: String, columns: [String],
+        _ replica: any ReplicaStoring, collection: String, sql: SQLSession, query: String, columns: [String],
         key: ([String?]) -> String
     ) async throws -> [String] {
         var expected: [String: [String?]] = [:]
         for row in try await sql.texts(query) { expected[key(row)] = row }
         var found: [String] = []
-        let records = try replica.records(of: collection)
+        let records = try await replica.records(of: collection)
         for record in records {
             guard let want = expected.removeValue(forKey: record.key) else {
                 found.append("extra \(record.key)")
@@ -88,7 +99,7 @@ import Testing
         return found
     }
 
-    static func expectEqualToTables(_ replica: ReplicaStore, sql: SQLSession) async throws {
+    static func expectEqualToTables(_ replica: any ReplicaStoring, sql: SQLSession) async throws {
         let customers = try await differences(
             replica, collection: "customers", sql: sql,
             query: "SELECT \(customerColumns) FROM customers", columns: customerNames
@@ -114,41 +125,12 @@ import Testing
 
     @Test func everyKindOfChangeReachesAReplicaEqualToTheTables() async throws {
         let (url, sql) = try await Self.database()
-        try await sql.run(
-            """
-            INSERT INTO customers SELECT g, 'customer ' || g, 'c' || g || '@example.com', g * 1.25, g % 2 = 0,
-                '{"tier": "basic"}', '\\xdeadbeef', NULL FROM generate_series(1, 3000) g
-            """)
-        try await sql.run(
-            "INSERT INTO order_lines SELECT 'o' || (g / 3), g % 3, g, NULL FROM generate_series(1, 600) g")
+        try await Self.fillInitialRows(sql)
         let folder = Harness.folder()
         let (server, port) = try await Self.serve(folder, url: url)
         let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
         try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
-            // Written while the tables are being copied.
-            try await sql.run(
-                "INSERT INTO customers (id, name) SELECT g, 'late ' || g FROM generate_series(3001, 3100) g")
-            try await sql.run("UPDATE customers SET name = 'renamed ' || id, balance = NULL WHERE id % 10 = 0")
-            try await sql.run("DELETE FROM customers WHERE id % 7 = 0")
-            // One transaction of several statements.
-            try await sql.run("BEGIN")
-            try await sql.run("INSERT INTO customers (id, name, active) VALUES (5000, 'in a transaction', true)")
-            try await sql.run("UPDATE customers SET email = NULL, meta = NULL, avatar = NULL WHERE id < 50")
-            try await sql.run("DELETE FROM customers WHERE id BETWEEN 60 AND 69")
-            try await sql.run("COMMIT")
-            // A value stored out of line, then an update that leaves it alone (wal2json omits it).
-            try await sql.run(
-                """
-                INSERT INTO customers (id, name, note)
-                SELECT 6000, 'toasted', string_agg(md5(random()::text), '') FROM generate_series(1, 800)
-                """)
-            try await sql.run("UPDATE customers SET name = 'toasted, renamed' WHERE id = 6000")
-            try await sql.run("UPDATE customers SET id = 6001 WHERE id = 6000")
-            // Composite keys: one half of the key changes; then the table is truncated and refilled.
-            try await sql.run("UPDATE order_lines SET line = line + 100, note = 'moved' WHERE order_no = 'o5'")
-            try await sql.run("UPDATE order_lines SET qty = qty * 2 WHERE order_no = 'o7'")
-            try await sql.run("TRUNCATE order_lines")
-            try await sql.run("INSERT INTO order_lines VALUES ('after', 1, 1, 'x'), ('after', 2, 2, NULL)")
+            try await Self.writeEveryKind(sql)
             try await Self.waitForSentinel(replica, url: url, log: folder.appendingPathComponent("serve.log"))
         }
         try await Self.expectEqualToTables(replica, sql: sql)
@@ -239,6 +221,35 @@ import Testing
         (status, message) = try Self.run(["serve", "--db", db, "--port", "0", "--tables", "public.customers"])
         #expect(status != 0 && message.contains("--tables goes with --postgres"), "\(message)")
         await sql.close()
+    }
+
+    /// Inserts (while the tables may still be copied), updates, deletes, a transaction of several
+    /// statements, NULLs, an out-of-line value, key changes, and a truncated and refilled table.
+    static func writeEveryKind(_ sql: SQLSession) async throws {
+        // Written while the tables are being copied.
+        try await sql.run(
+            "INSERT INTO customers (id, name) SELECT g, 'late ' || g FROM generate_series(3001, 3100) g")
+        try await sql.run("UPDATE customers SET name = 'renamed ' || id, balance = NULL WHERE id % 10 = 0")
+        try await sql.run("DELETE FROM customers WHERE id % 7 = 0")
+        // One transaction of several statements.
+        try await sql.run("BEGIN")
+        try await sql.run("INSERT INTO customers (id, name, active) VALUES (5000, 'in a transaction', true)")
+        try await sql.run("UPDATE customers SET email = NULL, meta = NULL, avatar = NULL WHERE id < 50")
+        try await sql.run("DELETE FROM customers WHERE id BETWEEN 60 AND 69")
+        try await sql.run("COMMIT")
+        // A value stored out of line, then an update that leaves it alone (wal2json omits it).
+        try await sql.run(
+            """
+            INSERT INTO customers (id, name, note)
+            SELECT 6000, 'toasted', string_agg(md5(random()::text), '') FROM generate_series(1, 800)
+            """)
+        try await sql.run("UPDATE customers SET name = 'toasted, renamed' WHERE id = 6000")
+        try await sql.run("UPDATE customers SET id = 6001 WHERE id = 6000")
+        // Composite keys: one half of the key changes; then the table is truncated and refilled.
+        try await sql.run("UPDATE order_lines SET line = line + 100, note = 'moved' WHERE order_no = 'o5'")
+        try await sql.run("UPDATE order_lines SET qty = qty * 2 WHERE order_no = 'o7'")
+        try await sql.run("TRUNCATE order_lines")
+        try await sql.run("INSERT INTO order_lines VALUES ('after', 1, 1, 'x'), ('after', 2, 2, NULL)")
     }
 
     // MARK: Helpers

@@ -41,7 +41,7 @@ struct VerificationTests {
 
     /// Runs a subscriber in the background until `body` returns.
     static func withSubscriber<T: Sendable>(
-        url: String, replica: ReplicaStore, scrub: Duration? = nil, _ body: @Sendable () async throws -> T
+        url: String, replica: any ReplicaStoring, scrub: Duration? = nil, _ body: @Sendable () async throws -> T
     ) async throws -> T {
         let http = SourceClient.makeHTTPClient()
         var configuration = Subscriber.Configuration(source: url)

@@ -1,0 +1,320 @@
+import ArgumentParser
+import ConcordClient
+import ConcordCore
+import ConcordPostgres
+import Foundation
+import Logging
+import PostgresNIO
+
+extension Bench {
+    /// PostgreSQL to PostgreSQL, in one run on one server: PostgreSQL's own logical replication
+    /// (CREATE SUBSCRIPTION) against Concord (`serve --postgres` capturing the source table,
+    /// `follow --postgres` writing the replica), on the same rows: the initial sync, then one
+    /// transaction updating `changes` rows.
+    func postgresBenchmark(folder: URL, logger: Logger, results: inout [String: Double]) async throws {
+        guard let url = postgres else {
+            throw ValidationError(
+                "bench postgres needs --postgres URL (a superuser; scripts/bench-postgres.sh starts one)")
+        }
+        let rows = records
+        let updates = min(changes, rows)
+        // The replicas live on their own server, as they would beside the services that query
+        // them; on one server, the source's logical decoding would also read the replicas' WAL.
+        let replicaServer = replicaPostgres ?? url
+        let admin = try await PostgresAdmin.connect(url, logger: logger)
+        let replicaAdmin = try await PostgresAdmin.connect(replicaServer, logger: logger)
+        say("postgres: \(rows) rows of about 225-byte values, then one transaction updating \(updates) of them")
+        let replicaDatabases = ["concord_bench_pg", "concord_bench_replica"]
+        try await replicaAdmin.resetDatabases(dropping: replicaDatabases, creating: replicaDatabases)
+        try await admin.resetDatabases(dropping: ["concord_bench_source"], creating: ["concord_bench_source"])
+        let sourceURL = PostgresAdmin.url(url, database: "concord_bench_source")
+        let source = try await PostgresAdmin.connect(sourceURL, logger: logger)
+        try await source.run("CREATE TABLE src (id bigint PRIMARY KEY, v text NOT NULL)")
+        try await source.run(
+            """
+            INSERT INTO src SELECT i,
+              json_build_object('id', i, 'name', md5(i::text), 'email', md5((i*7)::text) || '@example.com',
+                                'bio', repeat(substr(md5((i*13)::text),1,8), 12))::text
+            FROM generate_series(1, \(rows)) i
+            """)
+        try await source.run("VACUUM ANALYZE src")
+
+        // PostgreSQL's logical replication.
+        let pgURL = PostgresAdmin.url(replicaServer, database: "concord_bench_pg")
+        let target = try await PostgresAdmin.connect(pgURL, logger: logger)
+        try await target.run("CREATE TABLE src (id bigint PRIMARY KEY, v text NOT NULL)")
+        try await source.run("CREATE PUBLICATION concord_bench FOR TABLE src")
+        // Inside one cluster CREATE SUBSCRIPTION waits for itself unless the slot exists first.
+        try await source.run("SELECT pg_create_logical_replication_slot('concord_bench_pg', 'pgoutput')")
+        let components = URLComponents(string: url)!
+        let connection =
+            "host=\(components.host ?? "127.0.0.1") port=\(components.port ?? 5432) user=\(components.user ?? "postgres") dbname=concord_bench_source"
+        var started = ContinuousClock.now
+        try await target.run(
+            """
+            CREATE SUBSCRIPTION concord_bench CONNECTION '\(connection)' PUBLICATION concord_bench
+            WITH (create_slot = false, slot_name = 'concord_bench_pg')
+            """)
+        try await Self.poll("PostgreSQL's initial sync", timeout: .seconds(600)) {
+            try await target.flag("SELECT count(*) = 1 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel")
+        }
+        let pgSync = Self.seconds(since: started)
+        say(String(format: "  PostgreSQL logical replication: initial sync %.2f s", pgSync))
+        started = ContinuousClock.now
+        try await source.run("UPDATE src SET v = v || ' ' WHERE id <= \(updates)")
+        try await Self.poll("PostgreSQL's apply", timeout: .seconds(600)) {
+            try await target.flag("SELECT right(v, 1) = ' ' FROM src WHERE id = \(updates)")
+        }
+        let pgApply = Self.seconds(since: started)
+        say(
+            String(
+                format: "  PostgreSQL logical replication: %d updates in %.2f s (%.0f rows/s)", updates, pgApply,
+                Double(updates) / pgApply))
+        try await target.run("ALTER SUBSCRIPTION concord_bench DISABLE")
+        try await target.run("ALTER SUBSCRIPTION concord_bench SET (slot_name = NONE)")
+        try await target.run("DROP SUBSCRIPTION concord_bench")
+        // The subscription's sender takes a moment to let go of the slot.
+        try await Self.poll("PostgreSQL's slot is released", timeout: .seconds(30)) {
+            try await source.flag(
+                "SELECT count(pg_drop_replication_slot(slot_name)) = 1 FROM pg_replication_slots WHERE slot_name = 'concord_bench_pg' AND NOT active"
+            )
+        }
+        await target.close()
+
+        // Concord: capture into a publisher, follow into a PostgreSQL replica, verified.
+        let replicaURL = PostgresAdmin.url(replicaServer, database: "concord_bench_replica")
+        let replica = try await PostgresAdmin.connect(replicaURL, logger: logger)
+        let binary = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+        let portFile = folder.appendingPathComponent("pg-publisher.port").path
+        started = ContinuousClock.now
+        let publisher = try Self.child(
+            binary,
+            [
+                "serve", "--db", folder.appendingPathComponent("pg-publisher.sqlite").path, "--port", "0",
+                "--port-file", portFile, "--postgres", sourceURL, "--tables", "public.src", "--slot",
+                "concord_bench_capture", "--poll-interval-ms", "20", "--log-level", "warning",
+            ])
+        defer { Self.stop(publisher) }
+        var port = 0
+        try await Self.poll("the publisher listens", timeout: .seconds(60)) {
+            port = (try? String(contentsOfFile: portFile, encoding: .utf8)).flatMap { Int($0) } ?? 0
+            return port > 0
+        }
+        let follower = try Self.child(
+            binary,
+            [
+                "follow", "--source", "http://127.0.0.1:\(port)", "--postgres", replicaURL, "--schema", "concord",
+                "--quiet", "--log-level", "warning",
+            ])
+        defer { Self.stop(follower) }
+        let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() }
+        let feedClient = SourceClient(baseURL: "http://127.0.0.1:\(port)", http: http)
+        /// The replica is at the publisher's head, verified there, and holds `expected` rows.
+        func verifiedAtHead() async throws -> Bool {
+            guard let feed = try? await feedClient.feed(), feed.collections.first?.count == rows else { return false }
+            let state = try await replica.texts(
+                "SELECT position::text, verified_lsn::text, phase FROM concord.concord_state WHERE id = 1")
+            guard let row = state.first, row[2] == "following", let position = row[0].flatMap({ UInt64($0) })
+            else { return false }
+            return position == feed.head && row[1].flatMap({ UInt64($0) }) == position
+        }
+        var captured: Double?
+        try await Self.poll("Concord's initial sync", timeout: .seconds(900)) {
+            guard publisher.isRunning, follower.isRunning else {
+                throw ConcordError(.internal, "concord serve or follow exited")
+            }
+            if captured == nil, (try? await feedClient.feed())?.collections.first?.count == rows {
+                captured = Self.seconds(since: started)
+            }
+            guard try await replica.tableExists("concord.concord_state") else { return false }
+            return try await verifiedAtHead()
+        }
+        let concordSync = Self.seconds(since: started)
+        say(
+            String(
+                format:
+                    "  Concord: initial sync %.2f s (the publisher held every row after %.2f s; the replica is verified at the head)",
+                concordSync, captured ?? 0))
+        let headBefore = try await feedClient.feed().head
+        started = ContinuousClock.now
+        try await source.run("UPDATE src SET v = v || ' ' WHERE id <= \(updates)")
+        var capturedUpdate: Double?
+        try await Self.poll("Concord's apply", timeout: .seconds(900)) {
+            if capturedUpdate == nil, try await feedClient.feed().head >= headBefore + LSN(updates) {
+                capturedUpdate = Self.seconds(since: started)
+            }
+            return try await replica.flag("SELECT value LIKE '%  \"}' FROM concord.src WHERE key = '\(updates)'")
+        }
+        let concordApply = Self.seconds(since: started)
+        try await Self.poll("Concord's verification", timeout: .seconds(300)) { try await verifiedAtHead() }
+        let concordVerified = Self.seconds(since: started)
+        say(
+            String(
+                format:
+                    "  Concord: %d updates in %.2f s (%.0f rows/s; captured into the publisher after %.2f s), verified at the head after %.2f s",
+                updates, concordApply, Double(updates) / concordApply, capturedUpdate ?? concordApply, concordVerified))
+
+        // A second replica of the same publisher: what each further replica costs once the
+        // source is captured (PostgreSQL's subscription copies from the source table each time).
+        started = ContinuousClock.now
+        let second = try Self.child(
+            binary,
+            [
+                "follow", "--source", "http://127.0.0.1:\(port)", "--postgres", replicaURL, "--schema", "concord2",
+                "--quiet", "--log-level", "warning",
+            ])
+        defer { Self.stop(second) }
+        let head = try await feedClient.feed().head
+        try await Self.poll("the second replica's bootstrap", timeout: .seconds(900)) {
+            guard try await replica.tableExists("concord2.concord_state") else { return false }
+            let state = try await replica.texts(
+                "SELECT position::text, verified_lsn::text, phase FROM concord2.concord_state WHERE id = 1")
+            return state.first.map { $0[2] == "following" && $0[1] == String(head) && $0[0] == String(head) } ?? false
+        }
+        let secondSync = Self.seconds(since: started)
+        say(
+            String(
+                format: "  Concord: a second replica of the same publisher bootstrapped and verified in %.2f s",
+                secondSync))
+        results["postgres_concord_second_replica_seconds"] = secondSync
+        Self.stop(second)
+        say(
+            String(
+                format:
+                    "  ratios (PostgreSQL's time / Concord's; above 1: Concord is faster): sync %.2fx, apply %.2fx, second replica %.2fx",
+                pgSync / concordSync, pgApply / concordApply, pgSync / secondSync))
+        results["postgres_pg_sync_seconds"] = pgSync
+        results["postgres_pg_apply_seconds"] = pgApply
+        results["postgres_concord_sync_seconds"] = concordSync
+        results["postgres_concord_apply_seconds"] = concordApply
+        results["postgres_concord_verified_seconds"] = concordVerified
+        Self.stop(follower)
+        Self.stop(publisher)
+        try await source.run("SELECT pg_drop_replication_slot('concord_bench_capture')")
+        await replica.close()
+        await source.close()
+        if !keep {
+            try await replicaAdmin.resetDatabases(dropping: replicaDatabases, creating: [])
+            try await admin.resetDatabases(dropping: ["concord_bench_source"], creating: [])
+        }
+        await replicaAdmin.close()
+        await admin.close()
+    }
+
+    static func child(_ binary: String, _ arguments: [String]) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = arguments
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
+    static func stop(_ process: Process) {
+        guard process.isRunning else { return }
+        process.terminate()
+        process.waitUntilExit()
+    }
+
+    static func poll(_ what: String, timeout: Duration, _ condition: () async throws -> Bool) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if try await condition() { return }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw ConcordError(.internal, "\(what) did not finish within \(timeout)")
+    }
+
+    static func seconds(since start: ContinuousClock.Instant) -> Double {
+        let elapsed = ContinuousClock.now - start
+        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    }
+}
+
+/// Plain SQL for the PostgreSQL benchmark: statements and single values as text.
+final class PostgresAdmin: Sendable {
+    let url: String
+    let connection: PostgresConnection
+    let logger: Logger
+
+    init(url: String, connection: PostgresConnection, logger: Logger) {
+        self.url = url
+        self.connection = connection
+        self.logger = logger
+    }
+
+    /// Closes the connection of an admin dropped on an error path (PostgresNIO requires a close).
+    deinit {
+        let connection = self.connection
+        if !connection.isClosed { connection.close().whenComplete { _ in _ = connection } }
+    }
+
+    static func connect(_ url: String, logger: Logger) async throws -> PostgresAdmin {
+        guard let components = URLComponents(string: url), let host = components.host, let user = components.user
+        else { throw ValidationError("--postgres must look like postgres://USER@HOST:PORT/DB") }
+        let database = String(components.path.dropFirst())
+        let configuration = PostgresConnection.Configuration(
+            host: host, port: components.port ?? 5432, username: user, password: components.password,
+            database: database.isEmpty ? user : database, tls: .disable)
+        return PostgresAdmin(
+            url: url,
+            connection: try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger),
+            logger: logger)
+    }
+
+    static func url(_ url: String, database: String) -> String {
+        var components = URLComponents(string: url)!
+        components.path = "/" + database
+        return components.string!
+    }
+
+    func run(_ sql: String) async throws {
+        _ = try await connection.query(PostgresQuery(unsafeSQL: sql), logger: logger).collect()
+    }
+
+    func texts(_ sql: String) async throws -> [[String?]] {
+        try await connection.query(PostgresQuery(unsafeSQL: sql), logger: logger).collect().map { row in
+            try row.map { cell in try cell.decode(String?.self) }
+        }
+    }
+
+    /// The first column of the first row, a boolean; false when there is no row or it is NULL.
+    func flag(_ sql: String) async throws -> Bool {
+        try await connection.query(PostgresQuery(unsafeSQL: sql), logger: logger).collect().first?
+            .decode(Bool?.self) ?? false
+    }
+
+    func tableExists(_ name: String) async throws -> Bool {
+        try await flag("SELECT to_regclass('\(name)') IS NOT NULL")
+    }
+
+    /// Drops `dropping` (the benchmark's subscription and slots first), then creates `creating`.
+    func resetDatabases(dropping: [String], creating: [String]) async throws {
+        if try await flag("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'concord_bench_pg')") {
+            let target = try await Self.connect(Self.url(url, database: "concord_bench_pg"), logger: logger)
+            if try await target.flag("SELECT EXISTS (SELECT 1 FROM pg_subscription WHERE subname = 'concord_bench')") {
+                try await target.run("ALTER SUBSCRIPTION concord_bench DISABLE")
+                try await target.run("ALTER SUBSCRIPTION concord_bench SET (slot_name = NONE)")
+                try await target.run("DROP SUBSCRIPTION concord_bench")
+            }
+            await target.close()
+        }
+        // A disabled subscription's sender takes a moment to let go of its slot.
+        try await Bench.poll("the benchmark's replication slots are released", timeout: .seconds(30)) {
+            try await run(
+                """
+                SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                WHERE slot_name IN ('concord_bench_pg', 'concord_bench_capture') AND NOT active
+                """)
+            return try await !flag(
+                "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'concord_bench%')")
+        }
+        for name in dropping { try await run("DROP DATABASE IF EXISTS \(name) WITH (FORCE)") }
+        for name in creating { try await run("CREATE DATABASE \(name)") }
+    }
+
+    func close() async {
+        try? await connection.close()
+    }
+}

@@ -1,0 +1,126 @@
+import ConcordClient
+import ConcordCore
+import ConcordPostgres
+import ConcordSQLite
+import ConcordServer
+import Foundation
+import Testing
+
+/// `concord follow --postgres`: replicas kept in a real PostgreSQL schema. Part of the capture
+/// suite, so no test here runs while another restarts the server.
+extension PostgresCaptureTests {
+    /// Starts `concord follow --postgres URL --schema replica` against a publisher.
+    static func followIntoPostgres(
+        source: String, url: String, folder: URL, extra: [String] = []
+    ) throws -> ConcordProcess {
+        try ConcordProcess(
+            ["follow", "--source", source, "--postgres", url, "--schema", "replica", "--page-size", "500", "--quiet"]
+                + extra,
+            log: folder.appendingPathComponent("follow.log").path)
+    }
+
+    @Test func aPostgresReplicaOfAPostgresSourceEqualsTheTablesThroughCrashesAndEdits() async throws {
+        let (url, sql) = try await Self.database()
+        try await Self.fillInitialRows(sql)
+        let replicaURL = try await PostgresHarness.database()
+        let folder = Harness.folder()
+        let (server, port) = try await Self.serve(folder, url: url)
+        let source = "http://127.0.0.1:\(port)"
+        var follower = try Self.followIntoPostgres(
+            source: source, url: replicaURL, folder: folder, extra: ["--scrub-interval-seconds", "1"])
+        let replica = try await PostgresReplicaStore.open(
+            url: replicaURL, configuration: .init(schema: "replica"), logger: Harness.logger)
+        try await Self.writeEveryKind(sql)
+        // kill -9 of the replica's process while it applies, with writes going on.
+        let writer = Task { try await Self.write(url: url, transactions: 300, seed: 4) }
+        try await Harness.waitUntil("the replica applies changes", timeout: .seconds(60)) {
+            try await replica.state()?.appliedChanges ?? 0 > 0
+        }
+        follower.kill9()
+        follower = try Self.followIntoPostgres(
+            source: source, url: replicaURL, folder: folder, extra: ["--scrub-interval-seconds", "1"])
+        try await writer.value
+        try await Self.waitForSentinel(replica, url: url, log: folder.appendingPathComponent("serve.log"))
+        try await Self.expectEqualToTables(replica, sql: sql)
+
+        // Rows edited behind Concord's back in the replica's tables, with plain SQL.
+        let edit = try await SQLSession.connect(replicaURL)
+        try await edit.run("UPDATE replica.customers SET value = '{\"id\": 1}' WHERE key IN ('1', '2', '3')")
+        try await edit.run("DELETE FROM replica.customers WHERE key IN ('4', '5')")
+        try await edit.run("INSERT INTO replica.customers VALUES ('999999', 1, '{}')")
+        await edit.close()
+        let repairsBefore = try await replica.state()?.repairs ?? 0
+        try await Harness.waitUntil("the scrub repairs the edited rows", timeout: .seconds(60)) {
+            try await replica.state()?.repairs ?? 0 > repairsBefore
+        }
+        try await Self.expectEqualToTables(replica, sql: sql)
+        let state = try #require(try await replica.state())
+        #expect(state.repairedRecords >= 6 && state.mismatches >= 1)
+        // The repair moved the differing records, not the table: under 1% of a record per row held.
+        #expect(state.repairedRecords < 20, "repaired \(state.repairedRecords) records for 6 edited rows")
+
+        // The replica's schema is dropped while following: a new replica is bootstrapped in its place.
+        let drop = try await SQLSession.connect(replicaURL)
+        try await drop.run("DROP SCHEMA replica CASCADE")
+        await drop.close()
+        try await sql.run("DELETE FROM sentinels")
+        try await Self.waitForSentinel(replica, url: url, log: folder.appendingPathComponent("follow.log"))
+        try await Self.expectEqualToTables(replica, sql: sql)
+
+        #expect(follower.terminate() == 0)
+        #expect(server.terminate() == 0)
+        await replica.close()
+        await sql.close()
+    }
+
+    @Test func aPostgresReplicaKilledDuringBootstrapResumesAndVerifies() async throws {
+        let folder = Harness.folder()
+        let publisher = try VerificationTests.sourceStore(folder)
+        try await VerificationTests.fill(publisher, records: 30_000)
+        let replicaURL = try await PostgresHarness.database()
+        try await PublisherServer.withRunningServer(store: publisher, configuration: .testing, logger: Harness.logger) {
+            source in
+            var follower = try Self.followIntoPostgres(source: source, url: replicaURL, folder: folder)
+            let replica = try await PostgresReplicaStore.open(
+                url: replicaURL, configuration: .init(schema: "replica"), logger: Harness.logger)
+            var workload = RandomWorkload(keySpace: 40_000)
+            // Writes while the pages are copied: they merge by version with the pages.
+            for _ in 0..<30 { try await publisher.write(workload.transaction()) }
+            try await Harness.waitUntil("the bootstrap is under way", timeout: .seconds(60)) {
+                guard let state = try await replica.state() else { return false }
+                return state.progress.remaining["items"].map { $0 != nil } ?? false
+            }
+            #expect(try await replica.state()?.progress.phase == .bootstrapping, "killed during the bootstrap")
+            follower.kill9()
+            for _ in 0..<30 { try await publisher.write(workload.transaction()) }
+            follower = try Self.followIntoPostgres(source: source, url: replicaURL, folder: folder)
+            for _ in 0..<200 { try await publisher.write(workload.transaction()) }
+            do {
+                try await Harness.waitUntil("the replica is verified at the head", timeout: .seconds(90)) {
+                    let state = try await replica.state()
+                    return state?.position == publisher.head && state?.verifiedLSN == publisher.head
+                }
+            } catch {
+                let log = (try? String(contentsOf: folder.appendingPathComponent("follow.log"), encoding: .utf8)) ?? ""
+                let state = String(describing: try await replica.state())
+                let tail = log.split(separator: "\n").suffix(30).joined(separator: "\n")
+                Issue.record("head \(publisher.head), replica \(state), follow's log:\n\(tail)")
+                throw error
+            }
+            let differences = try await Harness.differences(source: publisher, replica: replica)
+            #expect(differences.isEmpty, "\(differences.prefix(5))")
+            #expect(follower.terminate() == 0)
+            await replica.close()
+        }
+    }
+
+    @Test func aReplicaSchemaThatDoesNotExistIsReported() async throws {
+        let url = try await PostgresHarness.database()
+        let (status, message) = try Self.run(["status", "--postgres", url, "--schema", "nowhere"])
+        #expect(status == 1 && message.contains("no Concord replica in"), "\(message)")
+        let (badStatus, badMessage) = try Self.run([
+            "follow", "--source", "http://127.0.0.1:1", "--postgres", "mysql://x@h/db",
+        ])
+        #expect(badStatus == 2 && badMessage.contains("--postgres must look like"), "\(badMessage)")
+    }
+}
