@@ -10,6 +10,17 @@ public struct Checkpoint: Sendable, Hashable {
         self.digests = digests
     }
 
+    /// The followed collections (`nil`: all) whose digest in `local` differs from this
+    /// checkpoint's; a collection missing on either side counts as empty.
+    public func differing(from local: [String: CollectionDigest], followed: Set<String>?) -> [String] {
+        var differing: [String] = []
+        for name in Set(local.keys).union(digests.keys) {
+            if let followed, !followed.contains(name) { continue }
+            if (local[name] ?? .empty) != (digests[name] ?? .empty) { differing.append(name) }
+        }
+        return differing.sorted()
+    }
+
     /// The same checkpoint restricted to `collections` (`nil`: all).
     public func restricted(to collections: Set<String>?) -> Checkpoint {
         guard let collections else { return self }

@@ -96,6 +96,14 @@ public struct ReplicaState: Sendable, Hashable {
     /// Checkpoints or scrubs that found a difference.
     public var mismatches: Int = 0
 
+    /// Throws unless `items` start right after the position: a batch must continue the replica.
+    public func checkContinued(by items: [StreamItem]) throws(ConcordError) {
+        guard let first = items.first, first.firstLSN == position + 1 else {
+            throw ConcordError(
+                .protocolViolation, "changes start at \(items.first?.firstLSN ?? 0), but the replica is at \(position)")
+        }
+    }
+
     public init(
         feedID: String, source: String, position: LSN, progress: BootstrapProgress, collections: [String]?,
         appliedChanges: Int, sourceHead: LSN, updatedAt: Date, verifiedLSN: LSN = 0, verifiedAt: Date? = nil,

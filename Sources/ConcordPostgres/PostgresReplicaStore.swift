@@ -311,11 +311,7 @@ public final class PostgresReplicaStore: ReplicaStoring {
                 guard let state = try await readState(db) else {
                     throw ConcordError(.storage, "replica is not initialized")
                 }
-                guard let first = items.first, first.firstLSN == state.position + 1 else {
-                    throw ConcordError(
-                        .protocolViolation,
-                        "changes start at \(items.first?.firstLSN ?? 0), but the replica is at \(state.position)")
-                }
+                try state.checkContinued(by: items)
                 let mode = state.progress.applyMode(position: state.position)
                 let filter = state.collections.map(Set.init)
                 var batches: [String: CollectionBatch] = [:]
@@ -380,25 +376,33 @@ public final class PostgresReplicaStore: ReplicaStoring {
     /// In LSN order the last change of each key decides its row.
     private func writeOrdered(_ batch: CollectionBatch, into collection: String, in db: PostgresSource) async throws {
         let (upserts, deletes) = batch.split()
-        for upserts in upserts.chunks() where !upserts.keys.isEmpty {
-            var binds = PostgresBindings()
-            binds.append(upserts.keys)
-            binds.append(upserts.versions)
-            binds.append(upserts.values)
-            _ = try await db.rows(
-                PostgresQuery(
-                    unsafeSQL: """
-                        INSERT INTO \(table(collection)) (key, version, value)
-                        SELECT * FROM unnest($1::text[], $2::int8[], $3::text[])
-                        ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value
-                        """, binds: binds))
+        for rows in upserts.chunks() where !rows.keys.isEmpty {
+            try await upsert(rows, into: collection, in: db)
         }
-        for deletes in deletes.chunks() where !deletes.keys.isEmpty {
-            var binds = PostgresBindings()
-            binds.append(deletes.keys)
-            _ = try await db.rows(
-                PostgresQuery(unsafeSQL: "DELETE FROM \(table(collection)) WHERE key = ANY($1::text[])", binds: binds))
-        }
+        for rows in deletes.chunks() { try await delete(rows.keys, from: collection, in: db) }
+    }
+
+    /// Writes `rows` over whatever the table holds for their keys.
+    func upsert(_ rows: RowColumns, into collection: String, in db: PostgresSource) async throws {
+        var binds = PostgresBindings()
+        binds.append(rows.keys)
+        binds.append(rows.versions)
+        binds.append(rows.values)
+        _ = try await db.rows(
+            PostgresQuery(
+                unsafeSQL: """
+                    INSERT INTO \(table(collection)) (key, version, value)
+                    SELECT * FROM unnest($1::text[], $2::int8[], $3::text[])
+                    ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value
+                    """, binds: binds))
+    }
+
+    func delete(_ keys: [String], from collection: String, in db: PostgresSource) async throws {
+        guard !keys.isEmpty else { return }
+        var binds = PostgresBindings()
+        binds.append(keys)
+        _ = try await db.rows(
+            PostgresQuery(unsafeSQL: "DELETE FROM \(table(collection)) WHERE key = ANY($1::text[])", binds: binds))
     }
 
     /// While bootstrapping, a change is written only over an older row, and a delete leaves a

@@ -109,11 +109,7 @@ extension PostgresReplicaStore {
                 guard let digest else { return .notJudged }
                 local[name] = digest
             }
-            var differing: [String] = []
-            for name in Set(local.keys).union(checkpoint.digests.keys) {
-                if let followed, !followed.contains(name) { continue }
-                if (local[name] ?? .empty) != (checkpoint.digests[name] ?? .empty) { differing.append(name) }
-            }
+            let differing = checkpoint.differing(from: local, followed: followed)
             if differing.isEmpty {
                 _ = try await db.rows(
                     """
@@ -123,7 +119,7 @@ extension PostgresReplicaStore {
                 return .verified
             }
             try await db.execute("UPDATE \(table("concord_state")) SET mismatches = mismatches + 1 WHERE id = 1")
-            return .mismatch(collections: differing.sorted())
+            return .mismatch(collections: differing)
         }
     }
 
@@ -235,27 +231,10 @@ extension PostgresReplicaStore {
             var ledger = try await DigestLedger.load([collection], from: table("concord_collections"), in: db)
             let touched = records.map(\.key) + keys
             let before = try await elements(of: collection, keys: touched, in: db)
-            if !records.isEmpty {
-                var binds = PostgresBindings()
-                let rows = RowColumns(records)
-                binds.append(rows.keys)
-                binds.append(rows.versions)
-                binds.append(rows.values)
-                _ = try await db.rows(
-                    PostgresQuery(
-                        unsafeSQL: """
-                            INSERT INTO \(table(collection)) (key, version, value)
-                            SELECT * FROM unnest($1::text[], $2::int8[], $3::text[])
-                            ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value
-                            """, binds: binds))
+            for rows in RowColumns(records).chunks() where !rows.keys.isEmpty {
+                try await upsert(rows, into: collection, in: db)
             }
-            if !keys.isEmpty {
-                var binds = PostgresBindings()
-                binds.append(keys)
-                _ = try await db.rows(
-                    PostgresQuery(
-                        unsafeSQL: "DELETE FROM \(table(collection)) WHERE key = ANY($1::text[])", binds: binds))
-            }
+            try await delete(keys, from: collection, in: db)
             for record in records {
                 ledger.record(
                     collection, before: before[record.key],

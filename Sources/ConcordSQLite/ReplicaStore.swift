@@ -203,11 +203,7 @@ public final class ReplicaStore: ReplicaStoring {
                 guard let state = try Self.readState(db) else {
                     throw ConcordError(.storage, "replica is not initialized")
                 }
-                guard let first = items.first, first.firstLSN == state.position + 1 else {
-                    throw ConcordError(
-                        .protocolViolation,
-                        "changes start at \(items.first?.firstLSN ?? 0), but the replica is at \(state.position)")
-                }
+                try state.checkContinued(by: items)
                 let mode = state.progress.applyMode(position: state.position)
                 let keepTombstones = state.progress.phase == .bootstrapping
                 let filter = state.collections.map(Set.init)

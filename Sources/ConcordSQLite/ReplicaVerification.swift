@@ -200,11 +200,7 @@ extension ReplicaStore {
                 guard let digest = try DigestTracker.storedDigest(of: name, in: db) else { return .notJudged }
                 local[name] = digest
             }
-            var differing: [String] = []
-            for name in Set(local.keys).union(checkpoint.digests.keys) {
-                if let followed, !followed.contains(name) { continue }
-                if (local[name] ?? .empty) != (checkpoint.digests[name] ?? .empty) { differing.append(name) }
-            }
+            let differing = checkpoint.differing(from: local, followed: followed)
             if differing.isEmpty {
                 try db.execute(
                     sql: "UPDATE concord_state SET verified_lsn = ?, verified_at = ? WHERE id = 1",
@@ -212,7 +208,7 @@ extension ReplicaStore {
                 return .verified
             }
             try db.execute(sql: "UPDATE concord_state SET mismatches = mismatches + 1 WHERE id = 1")
-            return .mismatch(collections: differing.sorted())
+            return .mismatch(collections: differing)
         }
     }
 
