@@ -27,6 +27,8 @@ public struct SourceClient: Sendable {
         public var maxResponseBytes = 512 << 20
         /// Asks for each change's before-element, which digests kept in LSN order need.
         public var requestsBefore = true
+        /// Sent as `Authorization: Bearer TOKEN` with every request, when the publisher requires tokens.
+        public var token: String?
         public init() {}
     }
 
@@ -127,7 +129,8 @@ public struct SourceClient: Sendable {
         var path = "/v1/changes/stream?after=\(after)"
         if configuration.requestsBefore { path += "&before=1" }
         if let collections { path += "&collections=" + collections.joined(separator: ",") }
-        let request = HTTPClientRequest(url: baseURL + path)
+        var request = HTTPClientRequest(url: baseURL + path)
+        authorize(&request)
         let response: HTTPClientResponse
         do {
             // The stream has no end; a dead connection is caught by the client's idle timeout.
@@ -165,7 +168,15 @@ public struct SourceClient: Sendable {
         try await send(HTTPClientRequest(url: baseURL + path), timeout: timeout ?? configuration.requestTimeout)
     }
 
+    func authorize(_ request: inout HTTPClientRequest) {
+        if let token = configuration.token {
+            request.headers.replaceOrAdd(name: "authorization", value: "Bearer \(token)")
+        }
+    }
+
     func send(_ request: HTTPClientRequest, timeout: Duration) async throws -> ([UInt8], HTTPHeaders) {
+        var request = request
+        authorize(&request)
         let response: HTTPClientResponse
         let body: ByteBuffer
         do {

@@ -30,6 +30,8 @@ public final class Subscriber: Service, Sendable {
         /// Keeps digests, compares checkpoints and scrubs (default). Off only to measure what
         /// proof costs; the store must then not track digests either.
         public var verification = true
+        /// The bearer token the publisher requires, if any.
+        public var token: String?
         /// Called as bootstrap pages are written: the collection, records copied and the source's count.
         public var bootstrapProgress: (@Sendable (_ collection: String, _ copied: Int, _ total: Int) -> Void)?
 
@@ -57,6 +59,7 @@ public final class Subscriber: Service, Sendable {
         self.store = store
         var clientConfiguration = SourceClient.Configuration()
         clientConfiguration.requestsBefore = configuration.verification
+        clientConfiguration.token = configuration.token
         self.client = SourceClient(baseURL: configuration.source, http: http, configuration: clientConfiguration)
         self.logger = logger
         reconciler = Reconciler(client: client, configuration: configuration.reconciler, logger: logger)
@@ -89,6 +92,15 @@ public final class Subscriber: Service, Sendable {
                     throw error
                 } catch is CancellationError {
                     return
+                } catch let error as ConcordError where [.unauthorized, .forbidden].contains(error.code) {
+                    // The publisher's tokens may be fixed while this waits: keep trying, loudly.
+                    if Task.isCancelled { return }
+                    self.activityBox.value = .retrying
+                    let delay = backoff.next()
+                    self.logger.error(
+                        "the publisher refuses this subscriber's token; check --token",
+                        metadata: ["error": "\(error.message)", "in": "\(delay)"])
+                    try? await Task.sleep(for: delay)
                 } catch {
                     if Task.isCancelled { return }
                     self.activityBox.value = .retrying

@@ -29,6 +29,10 @@ public struct ConcordError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let writesRefused = Code("writes_refused")
         /// A configuration file or environment variable is malformed or names an unknown option.
         public static let invalidConfiguration = Code("invalid_configuration")
+        /// No bearer token, or one the publisher does not know (HTTP 401).
+        public static let unauthorized = Code("unauthorized")
+        /// A known token without the role or the collection the request needs (HTTP 403).
+        public static let forbidden = Code("forbidden")
         /// A local store failed.
         public static let storage = Code("storage")
         /// Anything else.

@@ -5,6 +5,7 @@ import Hummingbird
 import Logging
 import NIOCore
 import ServiceLifecycle
+import Synchronization
 
 /// The publisher's HTTP API (protocol v1) over a ``PublisherStore``.
 ///
@@ -34,6 +35,9 @@ public enum PublisherServer {
         /// Refuses `POST /v1/write` with this reason (set when the records are captured from
         /// another database, which alone may change them).
         public var writesRefused: String?
+        /// The bearer tokens accepted; `nil`: every request is served (a publisher on loopback
+        /// or behind a gateway).
+        public var access: AccessGate?
 
         public init() {}
     }
@@ -47,23 +51,40 @@ public enum PublisherServer {
         let router = Router(context: BasicRequestContext.self)
         router.add(middleware: ErrorMiddleware(logger: logger))
         let api = API(store: store, configuration: configuration, logger: logger)
+        let gate = configuration.access
+        /// The request's token, which must have `role` (`nil` when no tokens are configured).
+        @Sendable func token(_ request: Request, _ role: AccessRole) throws -> AccessToken? {
+            guard let gate else { return nil }
+            let token = try gate.policy.authenticate(request.headers[.authorization])
+            try token.require(role)
+            return token
+        }
+        /// Checks the token may touch the collection named in the path, and returns the name.
+        @Sendable func collection(_ request: Request, _ context: BasicRequestContext) throws -> String {
+            let name = try context.parameters.require("collection")
+            _ = try token(request, .read)?.scope([name])
+            return name
+        }
         router.get("/healthz") { _, _ in Response.json(Array("{\"status\":\"ok\"}\n".utf8)) }
-        router.get("/v1/feed") { _, _ in try await api.feed() }
-        router.get("/v1/changes") { request, _ in try await api.changes(request) }
-        router.get("/v1/changes/stream") { request, _ in try await api.stream(request) }
+        router.get("/v1/feed") { request, _ in try await api.feed(token: try token(request, .read)) }
+        router.get("/v1/changes") { request, _ in try await api.changes(request, token: try token(request, .read)) }
+        router.get("/v1/changes/stream") { request, _ in
+            try await api.stream(request, token: try token(request, .read))
+        }
         router.get("/v1/collections/:collection/records") { request, context in
-            try await api.page(request, collection: try context.parameters.require("collection"))
+            try await api.page(request, collection: try collection(request, context))
         }
         router.get("/v1/collections/:collection/symbols") { request, context in
-            try await api.symbols(request, collection: try context.parameters.require("collection"))
+            try await api.symbols(request, collection: try collection(request, context))
         }
         router.post("/v1/collections/:collection/lookup") { request, context in
             var request = request
-            return try await api.lookup(&request, collection: try context.parameters.require("collection"))
+            return try await api.lookup(&request, collection: try collection(request, context))
         }
         router.post("/v1/write") { request, _ in
+            let writer = try token(request, .write)
             var request = request
-            return try await api.write(&request)
+            return try await api.write(&request, token: writer)
         }
         return Application(
             router: router,
@@ -144,7 +165,9 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
         do {
             return try await next(request, context)
         } catch let error as ConcordError {
-            return Response.json(WireFormat.encode(error), status: Self.status(for: error.code))
+            var response = Response.json(WireFormat.encode(error), status: Self.status(for: error.code))
+            if error.code == .unauthorized { response.headers[.wwwAuthenticate] = "Bearer realm=\"concord\"" }
+            return response
         } catch let error as any HTTPResponseError {
             let code: ConcordError.Code =
                 switch error.status {
@@ -169,6 +192,8 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
         case .unknownCollection, .notFound: .notFound
         case .gone: .gone
         case .writesRefused: .conflict
+        case .unauthorized: .unauthorized
+        case .forbidden: .forbidden
         case .unavailable: .serviceUnavailable
         default: .internalServerError
         }
@@ -181,11 +206,14 @@ struct API: Sendable {
     let configuration: PublisherServer.Configuration
     let logger: Logger
 
-    func feed() async throws -> Response {
-        Response.json(WireFormat.encode(try await store.feedInfo()))
+    /// The feed; a token limited to some collections sees only those.
+    func feed(token: AccessToken?) async throws -> Response {
+        var feed = try await store.feedInfo()
+        if let allowed = token?.collections { feed.collections.removeAll { !allowed.contains($0.name) } }
+        return Response.json(WireFormat.encode(feed))
     }
 
-    func changes(_ request: Request) async throws -> Response {
+    func changes(_ request: Request, token: AccessToken?) async throws -> Response {
         let query = request.uri.queryParameters
         let after = try Self.lsn(query["after"], name: "after")
         let limit = try Self.integer(
@@ -193,7 +221,7 @@ struct API: Sendable {
             range: 1...configuration.maxChangeLimit)
         let maxWaitSeconds = Int(configuration.maxWait.components.seconds)
         let wait = try Self.integer(query["wait"], name: "wait", default: 0, range: 0...maxWaitSeconds)
-        let collections = try Self.collections(query["collections"])
+        let collections = try Self.scope(try Self.collections(query["collections"]), token: token)
         let includeBefore = try Self.flag(query["before"], name: "before")
         try await store.checkPosition(after)
         var items = try await store.items(after: after, limit: limit, collections: collections)
@@ -213,10 +241,10 @@ struct API: Sendable {
 
     static let headField = HTTPField.Name("Concord-Head")!
 
-    func stream(_ request: Request) async throws -> Response {
+    func stream(_ request: Request, token: AccessToken?) async throws -> Response {
         let query = request.uri.queryParameters
         let after = try Self.lsn(query["after"], name: "after")
-        let collections = try Self.collections(query["collections"])
+        let collections = try Self.scope(try Self.collections(query["collections"]), token: token)
         let includeBefore = try Self.flag(query["before"], name: "before")
         try await store.checkPosition(after)
         let store = self.store
@@ -341,10 +369,11 @@ struct API: Sendable {
             status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: WireFormat.encode(page))))
     }
 
-    func write(_ request: inout Request) async throws -> Response {
+    func write(_ request: inout Request, token: AccessToken?) async throws -> Response {
         if let reason = configuration.writesRefused { throw ConcordError(.writesRefused, reason) }
         let body = try await request.collectBody(upTo: configuration.maxBodyBytes)
         let operations = try WireFormat.decodeWriteRequest(Array(buffer: body), limits: store.configuration.limits)
+        _ = try token?.scope(Set(operations.map(\.collection)))
         let lsn = try await store.write(operations)
         var writer = JSONWriter()
         writer.raw("{\"lsn\":")
@@ -382,6 +411,13 @@ struct API: Sendable {
         }
     }
 
+    /// The collections a request reads: those asked for, within what its token allows (a token
+    /// limited to some collections reads only those when the request names none).
+    static func scope(_ requested: Set<String>?, token: AccessToken?) throws(ConcordError) -> Set<String>? {
+        guard let token else { return requested }
+        return try token.scope(requested)
+    }
+
     static func collections(_ text: Substring?) throws(ConcordError) -> Set<String>? {
         guard let text, !text.isEmpty else { return nil }
         var names = Set<String>()
@@ -391,5 +427,21 @@ struct API: Sendable {
             names.insert(name)
         }
         return names
+    }
+}
+
+/// The bearer tokens a publisher accepts, replaceable while it runs: rotating a token is
+/// writing the new set and reloading it (SIGHUP, or the file watch), with no restart.
+public final class AccessGate: Sendable {
+    private let current: Mutex<AccessPolicy>
+
+    public init(_ policy: AccessPolicy) {
+        current = Mutex(policy)
+    }
+
+    public var policy: AccessPolicy { current.withLock { $0 } }
+
+    public func replace(_ policy: AccessPolicy) {
+        current.withLock { $0 = policy }
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import ConcordClient
 import ConcordCore
 import Foundation
 import Logging
@@ -33,6 +34,7 @@ enum OptionSourcesForCLI {
     /// from a mirror of the command.
     static let groups: [String: any ParsableArguments.Type] = [
         "\(GlobalOptions.self)": GlobalOptions.self, "\(OutputOptions.self)": OutputOptions.self,
+        "\(SourceAccessOptions.self)": SourceAccessOptions.self, "\(ReplicaPlace.self)": ReplicaPlace.self,
     ]
 
     static func arguments(_ given: [String], environment: [String: String]) throws -> [String] {
@@ -81,8 +83,11 @@ enum OptionSourcesForCLI {
                 options.append(OptionSources.Option(name: name, isFlag: false))
             } else if kind.hasPrefix("Flag<") {
                 options.append(OptionSources.Option(name: name, isFlag: true))
-            } else if kind.hasPrefix("OptionGroup<"), let group = groups[String(kind.dropFirst(12).dropLast())] {
-                options += self.options(of: group)
+            } else if kind.hasPrefix("OptionGroup<") {
+                let group = groups[String(kind.dropFirst(12).dropLast())]
+                // A group missing here would silently lose its environment variables and config keys.
+                precondition(group != nil, "register \(kind) in Concord.groups")
+                if let group { options += self.options(of: group) }
             }
         }
         return options
@@ -130,5 +135,39 @@ struct OutputOptions: ParsableArguments {
 extension FileHandle {
     static func printError(_ text: String) {
         FileHandle.standardError.write(Data((text + "\n").utf8))
+    }
+}
+
+/// The bearer token a command presents to a publisher that requires one.
+struct SourceAccessOptions: ParsableArguments {
+    @Option(help: "The bearer token the publisher requires (also the CONCORD_TOKEN variable).")
+    var token: String?
+
+    @Option(help: "Read the bearer token from this file (first line).")
+    var tokenFile: String?
+
+    func validate() throws {
+        if token != nil, tokenFile != nil { throw ValidationError("give --token or --token-file, not both") }
+    }
+
+    /// The token, if one is given; a file that cannot be read or is empty is an error.
+    func resolved() throws -> String? {
+        guard let tokenFile else { return token }
+        guard let contents = try? String(contentsOfFile: tokenFile, encoding: .utf8) else {
+            throw ValidationError("cannot read the token file \(tokenFile)")
+        }
+        let token = contents.split(whereSeparator: \.isNewline).first.map {
+            $0.trimmingCharacters(in: .whitespaces)
+        }
+        guard let token, !token.isEmpty else { throw ValidationError("the token file \(tokenFile) is empty") }
+        return token
+    }
+
+    var clientConfiguration: SourceClient.Configuration {
+        get throws {
+            var configuration = SourceClient.Configuration()
+            configuration.token = try resolved()
+            return configuration
+        }
     }
 }

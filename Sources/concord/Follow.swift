@@ -57,6 +57,7 @@ struct Follow: AsyncParsableCommand {
     @Flag(help: .hidden)
     var auditApplied = false
 
+    @OptionGroup var access: SourceAccessOptions
     @OptionGroup var global: GlobalOptions
 
     func run() async throws {
@@ -95,6 +96,7 @@ struct Follow: AsyncParsableCommand {
         }
         var configuration = Subscriber.Configuration(source: source, collections: filter)
         configuration.pageSize = pageSize
+        configuration.token = try access.resolved()
         configuration.verification = !noVerification
         configuration.scrubInterval = scrubIntervalSeconds > 0 ? .seconds(scrubIntervalSeconds) : nil
         configuration.bootstrapProgress = CollectionProgress(label: "bootstrap", quiet: quiet).update

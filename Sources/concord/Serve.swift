@@ -72,9 +72,20 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "With --postgres: milliseconds between polls of an idle slot.")
     var pollIntervalMs = 100
 
+    @Option(
+        help: """
+            Require bearer tokens, read from this file: one token a line, NAME ROLE COLLECTIONS SECRET \
+            (ROLE read, write or admin; COLLECTIONS a,b or *). Reloaded on SIGHUP and when the file changes.
+            """)
+    var tokensFile: String?
+
+    @Option(help: "Require bearer tokens, given here as lines of the tokens file separated by ';'.")
+    var tokens: String?
+
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
+        if tokensFile != nil, tokens != nil { throw ValidationError("give --tokens-file or --tokens, not both") }
         if postgres != nil, (tables ?? "").isEmpty {
             throw ValidationError("--postgres needs --tables, e.g. --tables public.customers,public.orders")
         }
@@ -104,6 +115,18 @@ struct Serve: AsyncParsableCommand {
             throw ExitCode(2)
         }
         var configuration = PublisherServer.Configuration()
+        let access = AccessSource(file: tokensFile, text: tokens)
+        var reloader: AccessReloader?
+        if access.isConfigured {
+            do {
+                let gate = AccessGate(try access.load())
+                configuration.access = gate
+                if let tokensFile { reloader = AccessReloader(gate: gate, file: tokensFile, logger: logger) }
+            } catch let error as ConcordError {
+                FileHandle.printError("error: \(error.message)")
+                throw ExitCode(2)
+            }
+        }
         configuration.host = host
         configuration.port = port
         configuration.maxBodyBytes = maxBodyBytes
@@ -136,7 +159,7 @@ struct Serve: AsyncParsableCommand {
                         service: PublisherMaintenance(
                             store: store, pruneInterval: .seconds(pruneIntervalSeconds), logger: logger)),
                     .init(service: StreamCloser(store: store)),
-                ] + (capture.map { [.init(service: $0)] } ?? []),
+                ] + (capture.map { [.init(service: $0)] } ?? []) + (reloader.map { [.init(service: $0)] } ?? []),
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         do {

@@ -20,6 +20,7 @@ struct Status: AsyncParsableCommand {
 
     @OptionGroup var place: ReplicaPlace
 
+    @OptionGroup var access: SourceAccessOptions
     @OptionGroup var output: OutputOptions
     @OptionGroup var global: GlobalOptions
 
@@ -34,7 +35,9 @@ struct Status: AsyncParsableCommand {
         if let source {
             let http = SourceClient.makeHTTPClient()
             do {
-                feed = try await SourceClient(baseURL: source, http: http).feed()
+                feed = try await SourceClient(
+                    baseURL: source, http: http, configuration: try access.clientConfiguration
+                ).feed()
                 try await http.shutdown()
             } catch {
                 try? await http.shutdown()

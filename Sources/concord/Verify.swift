@@ -31,6 +31,7 @@ struct Verify: AsyncParsableCommand {
     @Flag(help: "No progress bars.")
     var quiet = false
 
+    @OptionGroup var access: SourceAccessOptions
     @OptionGroup var output: OutputOptions
     @OptionGroup var global: GlobalOptions
 
@@ -57,7 +58,7 @@ struct Verify: AsyncParsableCommand {
             throw ExitCode(1)
         }
         let http = SourceClient.makeHTTPClient()
-        let client = SourceClient(baseURL: source, http: http)
+        let client = SourceClient(baseURL: source, http: http, configuration: try access.clientConfiguration)
         var reports: [ReconciliationReport] = []
         do {
             let feed = try await client.feed()
