@@ -324,32 +324,43 @@ public final class PostgresCapture: Service, Sendable {
         // A cursor read in pages: rows are written to the log between two fetches, and a row
         // stream left waiting that long is not something to rely on.
         try await source.execute("DECLARE concord_copy NO SCROLL CURSOR FOR \(sql)")
-        while true {
-            let rows = try await source.rows(PostgresQuery(unsafeSQL: "FETCH 5000 FROM concord_copy"))
-            if rows.isEmpty { break }
-            for row in rows {
-                let cells = row.makeRandomAccess()
-                var columns: [PostgresDecoding.Column] = []
-                columns.reserveCapacity(table.columns.count)
-                for (index, column) in table.columns.enumerated() {
-                    let text = try cells[index].decode(String?.self)
-                    columns.append(
-                        PostgresDecoding.Column(
-                            name: column.name, json: PostgresDecoding.json(text: text, typeOID: column.typeOID)))
-                }
-                let key = try PostgresDecoding.key(columns, keyColumns: table.keyColumns)
-                let value = PostgresDecoding.value(columns)
-                seen.insert(key)
-                if existing.contains(key), try await store.value(of: table.collection, key: key) == value { continue }
-                batch.append(.upsert(table.collection, key, json: value))
-                if batch.count >= configuration.copyBatch {
-                    // Written while the next rows are fetched and encoded.
-                    try await writing?.value
-                    let full = batch
-                    let store = self.store
-                    writing = Task { try await store.write(full) }
-                    copied += batch.count
-                    batch.removeAll(keepingCapacity: true)
+        do {
+            try await copyRows()
+        } catch {
+            // A batch still being written when the copy fails finishes before the error goes up.
+            _ = try? await writing?.value
+            throw error
+        }
+        func copyRows() async throws {
+            while true {
+                let rows = try await source.rows(PostgresQuery(unsafeSQL: "FETCH 5000 FROM concord_copy"))
+                if rows.isEmpty { break }
+                for row in rows {
+                    let cells = row.makeRandomAccess()
+                    var columns: [PostgresDecoding.Column] = []
+                    columns.reserveCapacity(table.columns.count)
+                    for (index, column) in table.columns.enumerated() {
+                        let text = try cells[index].decode(String?.self)
+                        columns.append(
+                            PostgresDecoding.Column(
+                                name: column.name, json: PostgresDecoding.json(text: text, typeOID: column.typeOID)))
+                    }
+                    let key = try PostgresDecoding.key(columns, keyColumns: table.keyColumns)
+                    let value = PostgresDecoding.value(columns)
+                    seen.insert(key)
+                    if existing.contains(key), try await store.value(of: table.collection, key: key) == value {
+                        continue
+                    }
+                    batch.append(.upsert(table.collection, key, json: value))
+                    if batch.count >= configuration.copyBatch {
+                        // Written while the next rows are fetched and encoded.
+                        try await writing?.value
+                        let full = batch
+                        let store = self.store
+                        writing = Task { try await store.write(full) }
+                        copied += batch.count
+                        batch.removeAll(keepingCapacity: true)
+                    }
                 }
             }
         }

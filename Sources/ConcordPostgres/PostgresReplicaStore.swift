@@ -219,6 +219,7 @@ public final class PostgresReplicaStore: ReplicaStoring {
     {
         do {
             return try await writer.transaction { db in
+                try await lockReplica(db)
                 if let existing = try await readState(db) { return existing }
                 var binds = PostgresBindings()
                 binds.append(feedID)
@@ -232,11 +233,21 @@ public final class PostgresReplicaStore: ReplicaStoring {
                                 collections, source_head)
                             VALUES (1, $1, $2, $3, 'bootstrapping', $3, $4, $3)
                             """, binds: binds))
-                try await createTables(collections, in: db)
+                // What a replica dropped in part left behind is neither trusted nor kept: digests
+                // are rebuilt, and tables that already hold rows are swept by the bootstrap.
+                try await db.execute("DELETE FROM \(table("concord_bootstrap"))")
+                try await db.execute("DELETE FROM \(table("concord_tombstones"))")
+                try await db.execute("UPDATE \(table("concord_collections")) SET digest_valid = false")
+                knownTables.withLock { $0.removeAll() }
                 for collection in collections {
+                    let existed = try await tableExists(collection, in: db)
                     _ = try await db.rows(
-                        "INSERT INTO \(unescaped: table("concord_bootstrap")) (collection) VALUES (\(collection))")
+                        """
+                        INSERT INTO \(unescaped: table("concord_bootstrap")) (collection, sweep)
+                        VALUES (\(collection), \(existed))
+                        """)
                 }
+                try await createTables(collections, in: db)
                 return try await readState(db)!
             }
         } catch {
@@ -258,11 +269,23 @@ public final class PostgresReplicaStore: ReplicaStoring {
         }
     }
 
-    /// Creates the plain tables of `collections` that do not exist yet.
+    /// Serialises the writers of this replica (two processes pointed at one schema, or `verify
+    /// --repair` beside `follow`): each write transaction reads the position and digests it moves.
+    func lockReplica(_ db: PostgresSource) async throws {
+        _ = try await db.rows("SELECT pg_advisory_xact_lock(hashtext(\("concord:" + configuration.schema)))")
+    }
+
+    func tableExists(_ collection: String, in db: PostgresSource) async throws -> Bool {
+        try await db.rows("SELECT to_regclass(\(table(collection))) IS NOT NULL").first?.decode(Bool.self) ?? false
+    }
+
+    /// Creates the plain tables of `collections` that do not exist yet. A table found already
+    /// there (left by an earlier replica) gets no digest until a scan makes one.
     func createTables(_ collections: some Collection<String>, in db: PostgresSource) async throws {
         let missing = knownTables.withLock { known in collections.filter { !known.contains($0) } }
         for collection in missing {
             try CollectionName.validate(collection)
+            let existed = try await tableExists(collection, in: db)
             try await db.execute(
                 """
                 CREATE TABLE IF NOT EXISTS \(table(collection)) (
@@ -274,7 +297,7 @@ public final class PostgresReplicaStore: ReplicaStoring {
             _ = try await db.rows(
                 """
                 INSERT INTO \(unescaped: table("concord_collections")) (name, count, digest, digest_valid)
-                VALUES (\(collection), 0, \(CollectionDigest.empty.sumHex), true) ON CONFLICT (name) DO NOTHING
+                VALUES (\(collection), 0, \(CollectionDigest.empty.sumHex), \(!existed)) ON CONFLICT (name) DO NOTHING
                 """)
         }
         // Known only once the transaction commits: a rolled-back CREATE TABLE leaves no table.
@@ -284,16 +307,20 @@ public final class PostgresReplicaStore: ReplicaStoring {
     /// Tables created by the transaction in progress (there is one writer at a time).
     let pendingTables = Mutex<Set<String>>([])
 
-    /// Runs a write transaction; tables it created become known when it commits.
+    /// Runs a write transaction, holding the replica's lock; tables it created become known
+    /// when it commits.
     func write<T>(_ context: String, _ body: (PostgresSource) async throws -> T) async throws -> T {
         do {
-            let result = try await writer.transaction { db in
+            let (result, created) = try await writer.transaction { db in
+                try await lockReplica(db)
                 pendingTables.withLock { $0.removeAll() }
-                return try await body(db)
-            }
-            let created = pendingTables.withLock { pending in
-                defer { pending.removeAll() }
-                return pending
+                let result = try await body(db)
+                // Taken while this writer still holds the connection.
+                let created = pendingTables.withLock { pending in
+                    defer { pending.removeAll() }
+                    return pending
+                }
+                return (result, created)
             }
             knownTables.withLock { $0.formUnion(created) }
             return result

@@ -69,7 +69,12 @@ public enum PublisherServer {
         router.get("/v1/feed") { request, _ in try await api.feed(token: try token(request, .read)) }
         router.get("/v1/changes") { request, _ in try await api.changes(request, token: try token(request, .read)) }
         router.get("/v1/changes/stream") { request, _ in
-            try await api.stream(request, token: try token(request, .read))
+            let holder = try token(request, .read)
+            // A token revoked or changed while its stream is open ends the stream.
+            return try await api.stream(request, token: holder) {
+                guard let gate, let holder else { return true }
+                return gate.policy.tokens.contains(holder)
+            }
         }
         router.get("/v1/collections/:collection/records") { request, context in
             try await api.page(request, collection: try collection(request, context))
@@ -241,7 +246,9 @@ struct API: Sendable {
 
     static let headField = HTTPField.Name("Concord-Head")!
 
-    func stream(_ request: Request, token: AccessToken?) async throws -> Response {
+    func stream(
+        _ request: Request, token: AccessToken?, stillAllowed: @escaping @Sendable () -> Bool = { true }
+    ) async throws -> Response {
         let query = request.uri.queryParameters
         let after = try Self.lsn(query["after"], name: "after")
         let collections = try Self.scope(try Self.collections(query["collections"]), token: token)
@@ -261,7 +268,7 @@ struct API: Sendable {
                 // pulling waits for one at its own position to be verified while the feed is idle.
                 var checkpointed = after == 0 ? 0 : after - 1
                 // Ends at a transaction boundary once the publisher begins to shut down.
-                while !Task.isCancelled, !store.headWatch.isClosed {
+                while !Task.isCancelled, !store.headWatch.isClosed, stillAllowed() {
                     let items = try await store.items(
                         after: cursor, limit: configuration.streamBatch, collections: collections)
                     if items.isEmpty {

@@ -109,7 +109,16 @@ struct AccessTests {
         // /healthz needs no token.
         #expect(try await Self.request(http, base, Call(method: .GET, path: "/healthz"), token: nil).status == 200)
 
-        // Rotation: billing gets a new secret; SIGHUP makes it the only one, without a restart.
+        // Rotation: billing gets a new secret; SIGHUP makes it the only one, without a restart,
+        // and ends the stream open with the old one.
+        var streamRequest = HTTPClientRequest(url: base + "/v1/changes/stream?after=0")
+        streamRequest.headers.add(name: "authorization", value: "Bearer \(Self.customersReader)")
+        let open = try await http.execute(streamRequest, timeout: .seconds(60))
+        #expect(open.status == .ok)
+        let streamEnded = Task {
+            for try await _ in open.body {}
+            return true
+        }
         let rotated = "customers-reader-rotated-42"
         try Self.tokens(customersSecret: rotated).write(toFile: tokensFile, atomically: true, encoding: .utf8)
         kill(server.process.processIdentifier, SIGHUP)
@@ -118,6 +127,17 @@ struct AccessTests {
             try await Self.request(http, base, feedCall, token: rotated).status == 200
         }
         #expect(try await Self.request(http, base, feedCall, token: Self.customersReader).status == 401)
+        // The publisher checks an idle stream's token at each heartbeat (every 5 s).
+        let ended = try await withThrowingTaskGroup(of: Bool.self) { group in
+            group.addTask { try await streamEnded.value }
+            group.addTask {
+                try await Task.sleep(for: .seconds(15))
+                return false
+            }
+            defer { group.cancelAll() }
+            return try await group.next() ?? false
+        }
+        #expect(ended, "the stream opened with the revoked token ended")
         // A tokens file that no longer parses keeps the tokens in force.
         try "broken line".write(toFile: tokensFile, atomically: true, encoding: .utf8)
         kill(server.process.processIdentifier, SIGHUP)
