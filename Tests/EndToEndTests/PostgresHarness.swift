@@ -21,8 +21,17 @@ enum PostgresHarness {
                 .path
             let url = try script("start", folder)
             started = (url, folder)
+            // The server started here stops when the test process exits.
+            atexit { PostgresHarness.stopStarted() }
             return (url, folder)
         }
+    }
+
+    /// Stops and removes the server this process started, if any.
+    static func stopStarted() {
+        guard let (_, folder) = started.withLock({ $0 }) else { return }
+        _ = try? script("stop", folder)
+        try? FileManager.default.removeItem(atPath: folder)
     }
 
     /// Runs `scripts/postgres.sh COMMAND FOLDER`; returns the server's URL (from `FOLDER/url`).
