@@ -136,6 +136,23 @@ public struct ScannedCollection: Sendable {
         self.digest = digest
         self.sketch = sketch
     }
+
+    /// A scan of `collection` before its first row.
+    public init(collection: String) {
+        self.init(collection: collection, digest: .empty, sketch: RatelessSketch(capacity: ReplicaSketch.capacity))
+    }
+
+    /// Adds a stored row; `progress` hears of every 10,000 rows (``reportRest(to:)`` tells the rest).
+    public mutating func add(_ element: Element, progress: ((Int) -> Void)? = nil) {
+        digest.add(element)
+        sketch.add(element)
+        if digest.count % 10_000 == 0 { progress?(10_000) }
+    }
+
+    /// Reports the rows added since the last 10,000.
+    public func reportRest(to progress: ((Int) -> Void)?) {
+        progress?(Int(digest.count % 10_000))
+    }
 }
 
 /// How a checkpoint compared with the replica.

@@ -321,20 +321,9 @@ public final class PostgresCapture: Service, Sendable {
         var batch: [WriteOperation] = []
         var writing: Task<Void, any Error>?
         var copied = 0
-        // A cursor read in pages: rows are written to the log between two fetches, and a row
-        // stream left waiting that long is not something to rely on.
-        try await source.execute("DECLARE concord_copy NO SCROLL CURSOR FOR \(sql)")
+        // Read through a cursor: rows are written to the log between two fetches.
         do {
-            try await copyRows()
-        } catch {
-            // A batch still being written when the copy fails finishes before the error goes up.
-            _ = try? await writing?.value
-            throw error
-        }
-        func copyRows() async throws {
-            while true {
-                let rows = try await source.rows(PostgresQuery(unsafeSQL: "FETCH 5000 FROM concord_copy"))
-                if rows.isEmpty { break }
+            try await source.forEachPage(of: sql, cursor: "concord_copy", pageSize: 5000) { rows in
                 for row in rows {
                     let cells = row.makeRandomAccess()
                     var columns: [PostgresDecoding.Column] = []
@@ -363,9 +352,12 @@ public final class PostgresCapture: Service, Sendable {
                     }
                 }
             }
+        } catch {
+            // A batch still being written when the copy fails finishes before the error goes up.
+            _ = try? await writing?.value
+            throw error
         }
         try await writing?.value
-        try await source.execute("CLOSE concord_copy")
         // Records the copy no longer holds were deleted while no slot kept their deletes.
         batch += existing.subtracting(seen).sorted().map { .delete(table.collection, $0) }
         for start in stride(from: 0, to: batch.count, by: configuration.copyBatch) {

@@ -661,13 +661,8 @@ struct RowColumns {
     }
 }
 
-/// The digests of the collections one transaction touches, and the element changes the kept
-/// sketches need after it.
-struct DigestLedger {
-    private var names: [String] = []
-    private var digests: [CollectionDigest] = []
-    private(set) var elementChanges: [PublisherStore.ElementChange] = []
-
+/// Reading and writing the ledger's digests in `concord_collections`.
+extension DigestLedger {
     /// The stored digests of `collections` that are valid; the others are not tracked.
     static func load(_ collections: [String], from table: String, in db: PostgresSource) async throws -> DigestLedger {
         var ledger = DigestLedger()
@@ -681,20 +676,9 @@ struct DigestLedger {
         {
             let (name, count, sumHex) = try row.decode((String, Int64, String).self)
             guard let digest = CollectionDigest(count: count, sumHex: sumHex) else { continue }
-            ledger.names.append(name)
-            ledger.digests.append(digest)
+            ledger.track(name, from: digest)
         }
         return ledger
-    }
-
-    func tracks(_ collection: String) -> Bool { names.contains(collection) }
-
-    /// Notes that a record of `collection` went from `before` to `after` (either may be absent).
-    mutating func record(_ collection: String, before: Element?, after: Element?) {
-        guard before != after, let index = names.firstIndex(of: collection) else { return }
-        if let before { digests[index].remove(before) }
-        if let after { digests[index].add(after) }
-        elementChanges.append(.init(collection: collection, before: before, after: after))
     }
 
     func save(to table: String, in db: PostgresSource) async throws {

@@ -10,18 +10,15 @@ extension PostgresReplicaStore {
         _ collection: String, ordered: Bool = false, in db: PostgresSource, _ body: (Record) throws -> Void
     ) async throws {
         let order = ordered ? " ORDER BY key" : ""
-        try await db.execute(
-            "DECLARE concord_scan NO SCROLL CURSOR FOR SELECT key, version, value FROM \(table(collection))\(order)")
-        while true {
-            let rows = try await db.rows(
-                PostgresQuery(unsafeSQL: "FETCH \(configuration.scanBatch) FROM concord_scan"))
+        try await db.forEachPage(
+            of: "SELECT key, version, value FROM \(table(collection))\(order)", cursor: "concord_scan",
+            pageSize: configuration.scanBatch
+        ) { rows in
             for row in rows {
                 let (key, version, value) = try row.decode((String, Int64, String).self)
                 try body(Record(key: key, version: LSN(version), value: value))
             }
-            if rows.count < configuration.scanBatch { break }
         }
-        try await db.execute("CLOSE concord_scan")
     }
 
     /// The collections the replica holds a table for, read in the transaction open on `db`.
@@ -66,18 +63,13 @@ extension PostgresReplicaStore {
         try await write("cannot rebuild digests") { db in
             var set = SketchSet(capacity: ReplicaSketch.capacity)
             for name in try await knownCollections(in: db) {
-                var digest = CollectionDigest.empty
-                var sketch = RatelessSketch(capacity: ReplicaSketch.capacity)
-                try await scanRows(name, in: db) { record in
-                    let element = Element(name, record)
-                    digest.add(element)
-                    sketch.add(element)
-                }
-                set.set(name, sketch)
+                let scanned = try await scanCollection(name, in: db)
+                set.set(name, scanned.sketch)
                 _ = try await db.rows(
                     """
                     UPDATE \(unescaped: table("concord_collections"))
-                    SET count = \(digest.count), digest = \(digest.sumHex), digest_valid = true WHERE name = \(name)
+                    SET count = \(scanned.digest.count), digest = \(scanned.digest.sumHex), digest_valid = true
+                    WHERE name = \(name)
                     """)
             }
             sketches.install(set)
@@ -142,18 +134,10 @@ extension PostgresReplicaStore {
     func scanCollection(_ name: String, in db: PostgresSource, progress: ((Int) -> Void)? = nil) async throws
         -> ScannedCollection
     {
-        var digest = CollectionDigest.empty
-        var sketch = RatelessSketch(capacity: ReplicaSketch.capacity)
-        var rows = 0
-        try await scanRows(name, in: db) { record in
-            let element = Element(name, record)
-            digest.add(element)
-            sketch.add(element)
-            rows += 1
-            if rows % 10_000 == 0 { progress?(10_000) }
-        }
-        progress?(rows % 10_000)
-        return ScannedCollection(collection: name, digest: digest, sketch: sketch)
+        var scanned = ScannedCollection(collection: name)
+        try await scanRows(name, in: db) { record in scanned.add(Element(name, record), progress: progress) }
+        scanned.reportRest(to: progress)
+        return scanned
     }
 
     public func scanAll(progress: RecordProgress?) async throws -> [String: ScannedCollection] {
@@ -204,16 +188,15 @@ extension PostgresReplicaStore {
         do {
             try await reader.transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") { db in
                 guard try await knownCollections(in: db).contains(collection) else { return }
-                try await db.execute("DECLARE concord_keys NO SCROLL CURSOR FOR SELECT key FROM \(table(collection))")
-                while true {
-                    let rows = try await db.rows(
-                        PostgresQuery(unsafeSQL: "FETCH \(configuration.scanBatch) FROM concord_keys"))
+                try await db.forEachPage(
+                    of: "SELECT key FROM \(table(collection))", cursor: "concord_keys",
+                    pageSize: configuration.scanBatch
+                ) { rows in
                     for row in rows {
                         let key = try row.decode(String.self)
                         let hash = Element.keyHash(collection: collection, key: key)
                         if keyHashes.contains(hash) { found[hash] = key }
                     }
-                    if rows.count < configuration.scanBatch { break }
                 }
             }
         } catch {

@@ -6,12 +6,13 @@ import Synchronization
 
 /// A connection to a PostgreSQL database with the session settings that make every value's
 /// text the same whether it is read by SQL or decoded from the WAL.
-struct PostgresSource {
+package struct PostgresSource {
     let connection: PostgresConnection
     let logger: Logger
     let waiting = WaitingStatements()
 
-    static func configuration(url: String) throws -> PostgresConnection.Configuration {
+    /// The connection settings a `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` URL names.
+    package static func configuration(url: String) throws -> PostgresConnection.Configuration {
         guard let components = URLComponents(string: url), ["postgres", "postgresql"].contains(components.scheme),
             let host = components.host, let user = components.user
         else {
@@ -83,6 +84,21 @@ struct PostgresSource {
                 waiting.remove(outcome)
             }
         }
+    }
+
+    /// Runs `sql` through a cursor, in the transaction open on this connection, handing `body`
+    /// each page of at most `pageSize` rows. A cursor, because a row stream left waiting while
+    /// the caller works on the rows is not something PostgresNIO copes with.
+    func forEachPage(
+        of sql: String, cursor: String, pageSize: Int, _ body: ([PostgresRow]) async throws -> Void
+    ) async throws {
+        try await execute("DECLARE \(cursor) NO SCROLL CURSOR FOR \(sql)")
+        while true {
+            let rows = try await rows(PostgresQuery(unsafeSQL: "FETCH \(pageSize) FROM \(cursor)"))
+            if !rows.isEmpty { try await body(rows) }
+            if rows.count < pageSize { break }
+        }
+        try await execute("CLOSE \(cursor)")
     }
 
     /// The URL without its password, for messages.

@@ -2,6 +2,35 @@ import ConcordCore
 import Foundation
 import GRDB
 
+/// The digests of the collections one write transaction touches, and the element changes the
+/// in-memory sketches need after it; what both replica stores keep while they write.
+package struct DigestLedger {
+    /// The tracked collections and their digests, side by side: a transaction touches one or
+    /// a few collections, and comparing names beats hashing them once per change.
+    package private(set) var names: [String] = []
+    package private(set) var digests: [CollectionDigest] = []
+    package private(set) var elementChanges: [PublisherStore.ElementChange] = []
+
+    package init() {}
+
+    /// Tracks `collection` from its stored `digest`.
+    package mutating func track(_ collection: String, from digest: CollectionDigest) {
+        names.append(collection)
+        digests.append(digest)
+    }
+
+    package func tracks(_ collection: String) -> Bool { names.contains(collection) }
+
+    /// Notes that a record of `collection` went from `before` to `after` (either may be absent);
+    /// untracked collections are ignored.
+    package mutating func record(_ collection: String, before: Element?, after: Element?) {
+        guard before != after, let index = names.firstIndex(of: collection) else { return }
+        if let before { digests[index].remove(before) }
+        if let after { digests[index].add(after) }
+        elementChanges.append(.init(collection: collection, before: before, after: after))
+    }
+}
+
 /// Keeps the digests of the collections one apply transaction touches, and the element
 /// changes the in-memory sketches need after it.
 ///
@@ -11,21 +40,15 @@ import GRDB
 struct DigestTracker {
     let db: Database
     let exactFromDisk: Bool
-    /// The tracked collections and their digests, side by side: a transaction touches one or
-    /// a few collections, and comparing names beats hashing them once per change.
-    private var names: [String] = []
-    private var digests: [CollectionDigest] = []
+    private var ledger = DigestLedger()
     private var before: Element?
-    private(set) var elementChanges: [PublisherStore.ElementChange] = []
+    var elementChanges: [PublisherStore.ElementChange] { ledger.elementChanges }
 
     init(db: Database, collections: Set<String>, exactFromDisk: Bool) throws {
         self.db = db
         self.exactFromDisk = exactFromDisk
         for collection in collections {
-            if let digest = try Self.storedDigest(of: collection, in: db) {
-                names.append(collection)
-                digests.append(digest)
-            }
+            if let digest = try Self.storedDigest(of: collection, in: db) { ledger.track(collection, from: digest) }
         }
     }
 
@@ -38,34 +61,22 @@ struct DigestTracker {
         return CollectionDigest(count: row["count"], sumHex: row["digest"])
     }
 
-    private func index(of collection: String) -> Int? {
-        names.firstIndex(of: collection)
-    }
-
     mutating func willApply(_ change: Change) throws {
-        guard index(of: change.collection) != nil else { return }
+        guard ledger.tracks(change.collection) else { return }
         before = exactFromDisk ? try Self.element(of: change.collection, key: change.key, in: db) : change.before
     }
 
     mutating func didApply(_ change: Change) throws {
-        guard let index = index(of: change.collection) else { return }
+        guard ledger.tracks(change.collection) else { return }
         let after =
             exactFromDisk
             ? try Self.element(of: change.collection, key: change.key, in: db) : change.after ?? Element(change)
-        record(at: index, before: before, after: after)
+        ledger.record(change.collection, before: before, after: after)
     }
 
     /// Notes that a record of `collection` went from `before` to `after` (either may be absent).
     mutating func record(_ collection: String, before: Element?, after: Element?) {
-        guard let index = index(of: collection) else { return }
-        record(at: index, before: before, after: after)
-    }
-
-    private mutating func record(at index: Int, before: Element?, after: Element?) {
-        guard before != after else { return }
-        if let before { digests[index].remove(before) }
-        if let after { digests[index].add(after) }
-        elementChanges.append(.init(collection: names[index], before: before, after: after))
+        ledger.record(collection, before: before, after: after)
     }
 
     static func element(of collection: String, key: String, in db: Database) throws -> Element? {
@@ -78,7 +89,7 @@ struct DigestTracker {
     }
 
     func save() throws {
-        for (collection, digest) in zip(names, digests) {
+        for (collection, digest) in zip(ledger.names, ledger.digests) {
             try db.execute(
                 sql: "UPDATE concord_collections SET count = ?, digest = ? WHERE name = ?",
                 arguments: [digest.count, digest.sumHex, collection])
@@ -105,22 +116,18 @@ extension ReplicaStore {
     static func scan(_ collection: String, in db: Database, progress: ((Int) -> Void)? = nil) throws
         -> ScannedCollection
     {
-        var digest = CollectionDigest.empty
-        var sketch = RatelessSketch(capacity: sketchCapacity)
+        var scanned = ScannedCollection(collection: collection)
         let select = RawStatement(
             try db.cachedStatement(sql: "SELECT key, version, value FROM \(SQLiteOpener.quote(collection))"), in: db)
         defer { select.reset() }
-        var rows = 0
         while try select.step() {
-            let element = Element(
-                collection: collection, key: select.text(0), version: LSN(select.int64(1)), value: select.text(2))
-            digest.add(element)
-            sketch.add(element)
-            rows += 1
-            if rows % 10_000 == 0 { progress?(10_000) }
+            scanned.add(
+                Element(
+                    collection: collection, key: select.text(0), version: LSN(select.int64(1)), value: select.text(2)),
+                progress: progress)
         }
-        progress?(rows % 10_000)
-        return ScannedCollection(collection: collection, digest: digest, sketch: sketch)
+        scanned.reportRest(to: progress)
+        return scanned
     }
 
     /// The sketch items of `collection`'s stored rows, for coded symbols past the kept capacity.

@@ -58,14 +58,14 @@ extension Bench {
         try await Self.poll("PostgreSQL's initial sync", timeout: .seconds(600)) {
             try await target.flag("SELECT count(*) = 1 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel")
         }
-        let pgSync = Self.seconds(since: started)
+        let pgSync = (ContinuousClock.now - started).seconds
         say(String(format: "  PostgreSQL logical replication: initial sync %.2f s", pgSync))
         started = ContinuousClock.now
         try await source.run("UPDATE src SET v = v || ' ' WHERE id <= \(updates)")
         try await Self.poll("PostgreSQL's apply", timeout: .seconds(600)) {
             try await target.flag("SELECT right(v, 1) = ' ' FROM src WHERE id = \(updates)")
         }
-        let pgApply = Self.seconds(since: started)
+        let pgApply = (ContinuousClock.now - started).seconds
         say(
             String(
                 format: "  PostgreSQL logical replication: %d updates in %.2f s (%.0f rows/s)", updates, pgApply,
@@ -111,10 +111,12 @@ extension Bench {
         defer { _ = http.shutdown() }
         let feedClient = SourceClient(baseURL: "http://127.0.0.1:\(port)", http: http)
         /// The replica is at the publisher's head, verified there, and holds `expected` rows.
-        func verifiedAtHead() async throws -> Bool {
-            guard let feed = try? await feedClient.feed(), feed.collections.first?.count == rows else { return false }
+        func verifiedAtHead(schema: String = "concord") async throws -> Bool {
+            guard let feed = try? await feedClient.feed(), feed.collections.first?.count == rows,
+                try await replica.tableExists("\(schema).concord_state")
+            else { return false }
             let state = try await replica.texts(
-                "SELECT position::text, verified_lsn::text, phase FROM concord.concord_state WHERE id = 1")
+                "SELECT position::text, verified_lsn::text, phase FROM \(schema).concord_state WHERE id = 1")
             guard let row = state.first, row[2] == "following", let position = row[0].flatMap({ UInt64($0) })
             else { return false }
             return position == feed.head && row[1].flatMap({ UInt64($0) }) == position
@@ -125,12 +127,11 @@ extension Bench {
                 throw ConcordError(.internal, "concord serve or follow exited")
             }
             if captured == nil, (try? await feedClient.feed())?.collections.first?.count == rows {
-                captured = Self.seconds(since: started)
+                captured = (ContinuousClock.now - started).seconds
             }
-            guard try await replica.tableExists("concord.concord_state") else { return false }
             return try await verifiedAtHead()
         }
-        let concordSync = Self.seconds(since: started)
+        let concordSync = (ContinuousClock.now - started).seconds
         say(
             String(
                 format:
@@ -142,13 +143,13 @@ extension Bench {
         var capturedUpdate: Double?
         try await Self.poll("Concord's apply", timeout: .seconds(900)) {
             if capturedUpdate == nil, try await feedClient.feed().head >= headBefore + LSN(updates) {
-                capturedUpdate = Self.seconds(since: started)
+                capturedUpdate = (ContinuousClock.now - started).seconds
             }
             return try await replica.flag("SELECT value LIKE '%  \"}' FROM concord.src WHERE key = '\(updates)'")
         }
-        let concordApply = Self.seconds(since: started)
+        let concordApply = (ContinuousClock.now - started).seconds
         try await Self.poll("Concord's verification", timeout: .seconds(300)) { try await verifiedAtHead() }
-        let concordVerified = Self.seconds(since: started)
+        let concordVerified = (ContinuousClock.now - started).seconds
         say(
             String(
                 format:
@@ -165,14 +166,10 @@ extension Bench {
                 "--quiet", "--log-level", "warning",
             ])
         defer { Self.stop(second) }
-        let head = try await feedClient.feed().head
         try await Self.poll("the second replica's bootstrap", timeout: .seconds(900)) {
-            guard try await replica.tableExists("concord2.concord_state") else { return false }
-            let state = try await replica.texts(
-                "SELECT position::text, verified_lsn::text, phase FROM concord2.concord_state WHERE id = 1")
-            return state.first.map { $0[2] == "following" && $0[1] == String(head) && $0[0] == String(head) } ?? false
+            try await verifiedAtHead(schema: "concord2")
         }
-        let secondSync = Self.seconds(since: started)
+        let secondSync = (ContinuousClock.now - started).seconds
         say(
             String(
                 format: "  Concord: a second replica of the same publisher bootstrapped and verified in %.2f s",
@@ -226,10 +223,6 @@ extension Bench {
         throw ConcordError(.internal, "\(what) did not finish within \(timeout)")
     }
 
-    static func seconds(since start: ContinuousClock.Instant) -> Double {
-        let elapsed = ContinuousClock.now - start
-        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-    }
 }
 
 /// Plain SQL for the PostgreSQL benchmark: statements and single values as text.
@@ -251,12 +244,7 @@ final class PostgresAdmin: Sendable {
     }
 
     static func connect(_ url: String, logger: Logger) async throws -> PostgresAdmin {
-        guard let components = URLComponents(string: url), let host = components.host, let user = components.user
-        else { throw ValidationError("--postgres must look like postgres://USER@HOST:PORT/DB") }
-        let database = String(components.path.dropFirst())
-        let configuration = PostgresConnection.Configuration(
-            host: host, port: components.port ?? 5432, username: user, password: components.password,
-            database: database.isEmpty ? user : database, tls: .disable)
+        let configuration = try PostgresSource.configuration(url: url)
         return PostgresAdmin(
             url: url,
             connection: try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger),

@@ -1,4 +1,5 @@
 import ConcordCore
+import ConcordPostgres
 import Foundation
 import Logging
 import PostgresNIO
@@ -83,10 +84,7 @@ final class SQLSession: Sendable {
     init(connection: PostgresConnection) { self.connection = connection }
 
     static func connect(_ url: String) async throws -> SQLSession {
-        let components = URLComponents(string: url)!
-        let configuration = PostgresConnection.Configuration(
-            host: components.host!, port: components.port ?? 5432, username: components.user!,
-            password: components.password, database: String(components.path.dropFirst()), tls: .disable)
+        let configuration = try PostgresSource.configuration(url: url)
         return SQLSession(
             connection: try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger))
     }
