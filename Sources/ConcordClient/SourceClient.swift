@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 import Synchronization
 
 /// Bytes received from a publisher, shared by the copies of one ``SourceClient``, so what
@@ -29,6 +30,9 @@ public struct SourceClient: Sendable {
         public var requestsBefore = true
         /// Sent as `Authorization: Bearer TOKEN` with every request, when the publisher requires tokens.
         public var token: String?
+        /// Sent as `Concord-Subscriber` with every request, so the publisher's dashboard and
+        /// metrics show this subscriber under its name.
+        public var subscriberName: String?
         public init() {}
     }
 
@@ -49,11 +53,37 @@ public struct SourceClient: Sendable {
 
     /// An HTTP client with the timeouts a subscriber wants: a dead connection is noticed
     /// within `idleTimeout` (streams send heartbeats more often than that).
-    public static func makeHTTPClient(idleTimeout: Duration = .seconds(30)) -> HTTPClient {
+    ///
+    /// - Parameter trustedCertificates: a PEM file of the certificate authorities to trust for
+    ///   `https://` publishers instead of the system's (a private CA).
+    public static func makeHTTPClient(idleTimeout: Duration = .seconds(30), trustedCertificates: String?) throws
+        -> HTTPClient
+    {
         var configuration = HTTPClient.Configuration()
         configuration.timeout = .init(connect: .seconds(5), read: .nanoseconds(idleTimeout.nanoseconds))
         configuration.decompression = .disabled
+        if let trustedCertificates {
+            let certificates: [NIOSSLCertificate]
+            do {
+                certificates = try NIOSSLCertificate.fromPEMFile(trustedCertificates)
+            } catch {
+                throw ConcordError(
+                    .invalidConfiguration, "cannot read the CA certificates \(trustedCertificates): \(error)")
+            }
+            guard !certificates.isEmpty else {
+                throw ConcordError(.invalidConfiguration, "no PEM certificate in \(trustedCertificates)")
+            }
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.trustRoots = .certificates(certificates)
+            configuration.tlsConfiguration = tls
+        }
         return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+    }
+
+    /// An HTTP client for the system's trusted certificates only.
+    public static func makeHTTPClient(idleTimeout: Duration = .seconds(30)) -> HTTPClient {
+        // Without a CA file nothing can fail.
+        try! makeHTTPClient(idleTimeout: idleTimeout, trustedCertificates: nil)
     }
 
     public func feed() async throws -> FeedInfo {
@@ -145,6 +175,15 @@ public struct SourceClient: Sendable {
         return response
     }
 
+    /// Tells the publisher this subscriber's position, proof and repairs (for its dashboard).
+    public func report(_ report: SubscriberReport) async throws {
+        var request = HTTPClientRequest(url: baseURL + "/v1/subscribers/report")
+        request.method = .POST
+        request.headers.add(name: "content-type", value: "application/json")
+        request.body = .bytes(ByteBuffer(bytes: report.encoded()))
+        _ = try await send(request, timeout: .seconds(10))
+    }
+
     /// Writes an atomic batch; returns the LSN of its last change.
     @discardableResult
     public func write(_ operations: [WriteOperation]) async throws -> LSN {
@@ -171,6 +210,9 @@ public struct SourceClient: Sendable {
     func authorize(_ request: inout HTTPClientRequest) {
         if let token = configuration.token {
             request.headers.replaceOrAdd(name: "authorization", value: "Bearer \(token)")
+        }
+        if let name = configuration.subscriberName {
+            request.headers.replaceOrAdd(name: "concord-subscriber", value: name)
         }
     }
 

@@ -32,6 +32,11 @@ public final class Subscriber: Service, Sendable {
         public var verification = true
         /// The bearer token the publisher requires, if any.
         public var token: String?
+        /// The name the publisher shows this subscriber under (dashboard, metrics); `nil`: anonymous.
+        public var name: String?
+        /// How often the subscriber reports its position, proof and repairs to the publisher
+        /// (`nil`: never; only with a name).
+        public var reportInterval: Duration? = .seconds(2)
         /// Called as bootstrap pages are written: the collection, records copied and the source's count.
         public var bootstrapProgress: (@Sendable (_ collection: String, _ copied: Int, _ total: Int) -> Void)?
 
@@ -60,6 +65,7 @@ public final class Subscriber: Service, Sendable {
         var clientConfiguration = SourceClient.Configuration()
         clientConfiguration.requestsBefore = configuration.verification
         clientConfiguration.token = configuration.token
+        clientConfiguration.subscriberName = configuration.name
         self.client = SourceClient(baseURL: configuration.source, http: http, configuration: clientConfiguration)
         self.logger = logger
         reconciler = Reconciler(client: client, configuration: configuration.reconciler, logger: logger)
@@ -67,6 +73,9 @@ public final class Subscriber: Service, Sendable {
     }
 
     public var activity: Activity { activityBox.value }
+
+    /// This subscriber's Prometheus metrics (served by `follow --metrics-port`).
+    public let metrics = SubscriberMetrics()
 
     /// Bytes received from the publisher since this subscriber was made.
     public var bytesReceived: Int { client.received.value }
@@ -82,34 +91,69 @@ public final class Subscriber: Service, Sendable {
     public func run() async throws {
         defer { activityBox.value = .stopped }
         try await cancelWhenGracefulShutdown {
-            var backoff = Backoff(
-                initial: self.configuration.backoffInitial, maximum: self.configuration.backoffMaximum)
-            while !Task.isCancelled {
-                do {
-                    try await self.session(resetting: &backoff)
-                } catch let error as ConcordError where error.code == .feedMismatch {
-                    self.logger.error("stopping: \(error.message)")
-                    throw error
-                } catch is CancellationError {
-                    return
-                } catch let error as ConcordError where [.unauthorized, .forbidden].contains(error.code) {
-                    // The publisher's tokens may be fixed while this waits: keep trying, loudly.
-                    if Task.isCancelled { return }
-                    self.activityBox.value = .retrying
-                    let delay = backoff.next()
-                    self.logger.error(
-                        "the publisher refuses this subscriber's token; check --token",
-                        metadata: ["error": "\(error.message)", "in": "\(delay)"])
-                    try? await Task.sleep(for: delay)
-                } catch {
-                    if Task.isCancelled { return }
-                    self.activityBox.value = .retrying
-                    let delay = backoff.next()
-                    self.logger.warning(
-                        "source unavailable, retrying", metadata: ["error": "\(error)", "in": "\(delay)"])
-                    try? await Task.sleep(for: delay)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                if let interval = self.configuration.reportInterval, self.configuration.name != nil {
+                    group.addTask { await self.reportLoop(every: interval) }
                 }
+                try await self.sessions()
+                group.cancelAll()
             }
+        }
+    }
+
+    /// Sessions, one after another, with backoff between failures, until cancelled.
+    func sessions() async throws {
+        var backoff = Backoff(initial: configuration.backoffInitial, maximum: configuration.backoffMaximum)
+        while !Task.isCancelled {
+            do {
+                try await session(resetting: &backoff)
+            } catch let error as ConcordError where error.code == .feedMismatch {
+                metrics.failed(error.code)
+                logger.error("stopping: \(error.message)")
+                throw error
+            } catch is CancellationError {
+                return
+            } catch let error as ConcordError where [.unauthorized, .forbidden].contains(error.code) {
+                // The publisher's tokens may be fixed while this waits: keep trying, loudly.
+                if Task.isCancelled { return }
+                metrics.failed(error.code)
+                activityBox.value = .retrying
+                let delay = backoff.next()
+                logger.error(
+                    "the publisher refuses this subscriber's token; check --token",
+                    metadata: ["error": "\(error.message)", "in": "\(delay)"])
+                try? await Task.sleep(for: delay)
+            } catch {
+                if Task.isCancelled { return }
+                metrics.failed((error as? ConcordError)?.code ?? .internal)
+                activityBox.value = .retrying
+                let delay = backoff.next()
+                logger.warning("source unavailable, retrying", metadata: ["error": "\(error)", "in": "\(delay)"])
+                try? await Task.sleep(for: delay)
+            }
+        }
+    }
+
+    /// Tells the publisher where this replica is, what it proved and what it repaired, until
+    /// cancelled. Failures are only logged: reports are for display.
+    func reportLoop(every interval: Duration) async {
+        guard let name = configuration.name else { return }
+        while !Task.isCancelled {
+            do {
+                if let state = try await store.state() {
+                    metrics.noteLag(position: state.position, head: state.sourceHead)
+                    try await client.report(
+                        SubscriberReport(
+                            name: name, activity: activity.rawValue, position: state.position,
+                            verifiedLSN: min(state.verifiedLSN, state.position), repairs: state.repairs,
+                            repairedRecords: state.repairedRecords, mismatches: state.mismatches))
+                }
+            } catch is CancellationError {
+                return
+            } catch {
+                logger.debug("report not delivered", metadata: ["error": "\(error)"])
+            }
+            try? await Task.sleep(for: interval)
         }
     }
 
@@ -209,6 +253,7 @@ public final class Subscriber: Service, Sendable {
         guard configuration.verification else { return }
         switch try await store.check(checkpoint) {
         case .verified:
+            metrics.verifications.increment()
             logger.debug("verified", metadata: ["lsn": "\(checkpoint.lsn)"])
         case .notJudged:
             logger.debug("checkpoint not judged", metadata: ["lsn": "\(checkpoint.lsn)"])

@@ -135,6 +135,53 @@ public struct AccessPolicy: Sendable, Hashable {
         return found
     }
 
+    /// The token of a dashboard request: `Bearer SECRET`, or `Basic` with the secret as the
+    /// password (what a browser sends after prompting; the user name is ignored).
+    public func authenticate(dashboardCredentials authorization: String?) throws(ConcordError) -> AccessToken {
+        let prefix = "basic "
+        guard let authorization, authorization.lowercased().hasPrefix(prefix) else {
+            return try authenticate(authorization)
+        }
+        guard let decoded = Self.base64Decoded(authorization.utf8.dropFirst(prefix.count)),
+            let colon = decoded.firstIndex(of: UInt8(ascii: ":"))
+        else {
+            throw ConcordError(.unauthorized, "the Authorization header must be Basic base64(NAME:TOKEN)")
+        }
+        return try authenticate("Bearer " + String(decoding: decoded[(colon + 1)...], as: UTF8.self))
+    }
+
+    /// Standard base64 with padding; `nil` for anything else.
+    static func base64Decoded(_ text: some Collection<UInt8>) -> [UInt8]? {
+        func sextet(_ byte: UInt8) -> UInt32? {
+            switch byte {
+            case UInt8(ascii: "A")...UInt8(ascii: "Z"): UInt32(byte - UInt8(ascii: "A"))
+            case UInt8(ascii: "a")...UInt8(ascii: "z"): UInt32(byte - UInt8(ascii: "a") + 26)
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): UInt32(byte - UInt8(ascii: "0") + 52)
+            case UInt8(ascii: "+"): 62
+            case UInt8(ascii: "/"): 63
+            default: nil
+            }
+        }
+        let bytes = Array(text)
+        guard bytes.count % 4 == 0, bytes.count <= 4096 else { return nil }
+        var out: [UInt8] = []
+        out.reserveCapacity(bytes.count / 4 * 3)
+        for start in stride(from: 0, to: bytes.count, by: 4) {
+            let group = bytes[start..<(start + 4)]
+            let padding = group.reversed().prefix { $0 == UInt8(ascii: "=") }.count
+            guard padding <= 2, start + 4 == bytes.count || padding == 0 else { return nil }
+            var word: UInt32 = 0
+            for byte in group.dropLast(padding) {
+                guard let value = sextet(byte) else { return nil }
+                word = word << 6 | value
+            }
+            word <<= UInt32(6 * padding)
+            let decoded = [UInt8(word >> 16 & 0xFF), UInt8(word >> 8 & 0xFF), UInt8(word & 0xFF)]
+            out += decoded.prefix(3 - padding)
+        }
+        return out
+    }
+
     static func equalInConstantTime(_ a: [UInt8], _ b: [UInt8]) -> Bool {
         var difference = UInt(bitPattern: a.count ^ b.count)
         for index in 0..<max(a.count, b.count) {

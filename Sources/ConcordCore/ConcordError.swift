@@ -33,6 +33,10 @@ public struct ConcordError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let unauthorized = Code("unauthorized")
         /// A known token without the role or the collection the request needs (HTTP 403).
         public static let forbidden = Code("forbidden")
+        /// Too many streams open for one token, or in all (HTTP 429); retry later.
+        public static let tooManyRequests = Code("too_many_requests")
+        /// The client sent its request too slowly (HTTP 408).
+        public static let timeout = Code("timeout")
         /// A local store failed.
         public static let storage = Code("storage")
         /// Anything else.

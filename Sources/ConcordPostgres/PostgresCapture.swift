@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import PostgresNIO
 import ServiceLifecycle
+import Synchronization
 
 /// Captures the changes of PostgreSQL tables into a publisher's log, the way a CDC tool does,
 /// without the owning service changing a line.
@@ -55,6 +56,11 @@ public final class PostgresCapture: Service, Sendable {
     public let configuration: Configuration
     let store: PublisherStore
     let logger: Logger
+    private let streaming = Atomic<Bool>(false)
+
+    /// True while the tables are copied and the slot is being followed: the records are the
+    /// source's, up to the last poll. The publisher's readiness check reports it.
+    public var isStreaming: Bool { streaming.load(ordering: .relaxed) }
 
     public init(configuration: Configuration, store: PublisherStore, logger: Logger) {
         self.configuration = configuration
@@ -155,11 +161,14 @@ public final class PostgresCapture: Service, Sendable {
             if !slotExists || phase != "streaming" {
                 try await copy(tables)
             }
+            streaming.store(true, ordering: .relaxed)
             try await stream(source, tables: tables)
         } catch {
+            streaming.store(false, ordering: .relaxed)
             await source.close()
             throw error
         }
+        streaming.store(false, ordering: .relaxed)
         await source.close()
     }
 

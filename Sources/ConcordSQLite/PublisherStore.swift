@@ -400,6 +400,21 @@ public final class PublisherStore: Sendable {
         }
     }
 
+    /// When the change at `lsn` was committed, if the log still holds it: a reader at `lsn - 1`
+    /// lags by the time since then.
+    public func committedAt(_ lsn: LSN) async throws -> Date? {
+        do {
+            return try await pool.read { db in
+                try Int64.fetchOne(
+                    db, sql: "SELECT committed_at FROM concord_log WHERE lsn = ?", arguments: [Int64(clamping: lsn)]
+                )
+                .map { Date(timeIntervalSince1970: Double($0) / 1000) }
+            }
+        } catch {
+            throw ConcordError.storage(error, "cannot read the log")
+        }
+    }
+
     /// Stream items after `after`: at least one whole source transaction when any exists,
     /// about `limit` changes, never ending inside a transaction.
     ///

@@ -14,7 +14,7 @@ extension PublisherServer {
         _ body: @Sendable (String) async throws -> T
     ) async throws -> T {
         let (ports, portContinuation) = AsyncStream<Int>.makeStream()
-        let app = makeApplication(store: store, configuration: configuration, logger: logger) { port in
+        let app = try makeApplication(store: store, configuration: configuration, logger: logger) { port in
             portContinuation.yield(port)
             portContinuation.finish()
         }

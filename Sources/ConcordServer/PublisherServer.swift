@@ -2,8 +2,11 @@ import ConcordCore
 import ConcordSQLite
 import HTTPTypes
 import Hummingbird
+import HummingbirdCore
+import HummingbirdTLS
 import Logging
 import NIOCore
+import NIOSSL
 import ServiceLifecycle
 import Synchronization
 
@@ -30,6 +33,20 @@ public enum PublisherServer {
         public var heartbeatInterval: Duration = .seconds(5)
         /// Changes read from the log per stream write.
         public var streamBatch = 4096
+        /// Change streams one token may hold open at once (without tokens only `maxStreams` applies).
+        public var maxStreamsPerToken = 16
+        /// Change streams open at once in all.
+        public var maxStreams = 512
+        /// A client that reads nothing for this long while the publisher has bytes for it is
+        /// disconnected, so a stuck reader holds no more than its socket's buffers.
+        public var stalledClientTimeout: Duration = .seconds(30)
+        /// A request body must arrive within this time.
+        public var requestBodyTimeout: Duration = .seconds(30)
+        /// A connection with no request in progress is closed after this long; a request's head
+        /// must arrive within it too.
+        public var idleTimeout: Duration = .seconds(75)
+        /// Serve HTTPS with this certificate (PEM chain) and private key (PEM).
+        public var tls: TLSFiles?
         /// Fault injection for tests: drop every n-th item of `/v1/changes/stream`.
         public var dropEveryNthStreamItem: Int?
         /// Refuses `POST /v1/write` with this reason (set when the records are captured from
@@ -38,8 +55,24 @@ public enum PublisherServer {
         /// The bearer tokens accepted; `nil`: every request is served (a publisher on loopback
         /// or behind a gateway).
         public var access: AccessGate?
+        /// Why the publisher is not ready to serve (`nil`: ready), for `/readyz`.
+        public var readiness: @Sendable () -> String? = { nil }
+        /// Where the metrics are kept; the caller may keep a reference to read them.
+        public var metrics = PublisherMetrics()
+        /// The subscribers known to the dashboard and the metrics.
+        public var subscribers = SubscriberRegistry()
 
         public init() {}
+    }
+
+    /// A certificate chain and its private key, both PEM files.
+    public struct TLSFiles: Sendable, Hashable {
+        public var certificate: String
+        public var key: String
+        public init(certificate: String, key: String) {
+            self.certificate = certificate
+            self.key = key
+        }
     }
 
     public static func makeApplication(
@@ -47,9 +80,11 @@ public enum PublisherServer {
         configuration: Configuration = Configuration(),
         logger: Logger = Logger(label: "concord.publisher"),
         onServerRunning: @escaping @Sendable (Int) async -> Void = { _ in }
-    ) -> some ApplicationProtocol {
+    ) throws -> some ApplicationProtocol {
         let router = Router(context: BasicRequestContext.self)
-        router.add(middleware: ErrorMiddleware(logger: logger))
+        let metrics = configuration.metrics
+        metrics.countWrites(from: store.head)
+        router.add(middleware: ErrorMiddleware(logger: logger, metrics: metrics))
         let api = API(store: store, configuration: configuration, logger: logger)
         let gate = configuration.access
         /// The request's token, which must have `role` (`nil` when no tokens are configured).
@@ -65,7 +100,45 @@ public enum PublisherServer {
             _ = try token(request, .read)?.scope([name])
             return name
         }
+        @Sendable func overview() async throws -> PublisherOverview {
+            try await PublisherOverview.gather(
+                store: store, registry: configuration.subscribers, openStreams: api.slots.openCount,
+                readiness: store.headWatch.isClosed ? "shutting down" : configuration.readiness())
+        }
         router.get("/healthz") { _, _ in Response.json(Array("{\"status\":\"ok\"}\n".utf8)) }
+        router.get("/readyz") { _, _ in
+            let reason = store.headWatch.isClosed ? "shutting down" : configuration.readiness()
+            if let reason { throw ConcordError(.unavailable, "not ready: \(reason)") }
+            return Response.json(Array("{\"status\":\"ready\"}\n".utf8))
+        }
+        router.get("/metrics") { request, _ in
+            _ = try token(request, .admin)
+            var headers = HTTPFields()
+            headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
+            let bytes = metrics.render(try await overview())
+            return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+        }
+        router.get("/") { request, _ in
+            if let gate {
+                // Browsers send a password they prompt for (Basic) where a program sends Bearer.
+                do {
+                    try gate.policy.authenticate(dashboardCredentials: request.headers[.authorization]).require(.admin)
+                } catch let error as ConcordError where error.code == .unauthorized {
+                    var headers = HTTPFields()
+                    headers[.wwwAuthenticate] = "Basic realm=\"concord\", charset=\"UTF-8\""
+                    headers[.contentType] = "text/plain; charset=utf-8"
+                    return Response(
+                        status: .unauthorized, headers: headers,
+                        body: ResponseBody(
+                            byteBuffer: ByteBuffer(string: "an admin token is needed: give it as the password\n")))
+                }
+            }
+            var headers = HTTPFields()
+            headers[.contentType] = "text/html; charset=utf-8"
+            headers[.cacheControl] = "no-store"
+            let page = Dashboard.render(try await overview())
+            return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(string: page)))
+        }
         router.get("/v1/feed") { request, _ in try await api.feed(token: try token(request, .read)) }
         router.get("/v1/changes") { request, _ in try await api.changes(request, token: try token(request, .read)) }
         router.get("/v1/changes/stream") { request, _ in
@@ -83,20 +156,86 @@ public enum PublisherServer {
             try await api.symbols(request, collection: try collection(request, context))
         }
         router.post("/v1/collections/:collection/lookup") { request, context in
-            var request = request
-            return try await api.lookup(&request, collection: try collection(request, context))
+            try await api.lookup(request, collection: try collection(request, context))
+        }
+        router.post("/v1/subscribers/report") { request, _ in
+            try await api.report(request, token: try token(request, .read))
         }
         router.post("/v1/write") { request, _ in
-            let writer = try token(request, .write)
-            var request = request
-            return try await api.write(&request, token: writer)
+            try await api.write(request, token: try token(request, .write))
+        }
+        let stalledAfter = TimeAmount(configuration.stalledClientTimeout)
+        let http1 = HTTPServerBuilder.http1(
+            configuration: .init(
+                additionalChannelHandlers: [StalledClientHandler(timeout: stalledAfter)],
+                idleTimeout: TimeAmount(configuration.idleTimeout)))
+        let server = try configuration.tls.map { files in
+            try HTTPServerBuilder.tls(http1, tlsConfiguration: try files.load())
         }
         return Application(
             router: router,
+            server: server ?? http1,
             configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: nil),
             onServerRunning: { channel in await onServerRunning(channel.localAddress?.port ?? configuration.port) },
             logger: logger
         )
+    }
+}
+
+extension PublisherServer.TLSFiles {
+    /// The server's TLS configuration, or an `invalid_configuration` error naming the file at fault.
+    func load() throws -> TLSConfiguration {
+        let chain: [NIOSSLCertificate]
+        do {
+            chain = try NIOSSLCertificate.fromPEMFile(certificate)
+        } catch {
+            throw ConcordError(.invalidConfiguration, "cannot read the TLS certificate \(certificate): \(error)")
+        }
+        guard !chain.isEmpty else {
+            throw ConcordError(.invalidConfiguration, "no PEM certificate in \(certificate)")
+        }
+        let privateKey: NIOSSLPrivateKey
+        do {
+            privateKey = try NIOSSLPrivateKey(file: key, format: .pem)
+        } catch {
+            throw ConcordError(.invalidConfiguration, "cannot read the TLS private key \(key): \(error)")
+        }
+        return TLSConfiguration.makeServerConfiguration(
+            certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(privateKey))
+    }
+}
+
+/// Closes a connection whose peer has read nothing for `timeout` while bytes wait for it
+/// (the channel stayed unwritable): a stuck stream reader then holds only its socket's buffers.
+final class StalledClientHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+    let timeout: TimeAmount
+    private var deadline: Scheduled<Void>?
+
+    init(timeout: TimeAmount) {
+        self.timeout = timeout
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            deadline?.cancel()
+            deadline = nil
+        } else if deadline == nil {
+            let channel = context.channel
+            deadline = context.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
     }
 }
 
@@ -160,16 +299,20 @@ extension Response {
     }
 }
 
-/// Turns every error into `{"error":{"code","message"}}` with the fitting status, in one place.
+/// Turns every error into `{"error":{"code","message"}}` with the fitting status, in one place,
+/// and counts requests and errors for the metrics.
 struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     let logger: Logger
+    let metrics: PublisherMetrics
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response)
         async throws -> Response
     {
+        metrics.requests.increment()
         do {
             return try await next(request, context)
         } catch let error as ConcordError {
+            metrics.failed(error.code)
             var response = Response.json(WireFormat.encode(error), status: Self.status(for: error.code))
             if error.code == .unauthorized { response.headers[.wwwAuthenticate] = "Bearer realm=\"concord\"" }
             return response
@@ -181,9 +324,11 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
                 case .badRequest: .invalidRequest
                 default: .internal
                 }
+            metrics.failed(code)
             let message = error.status == .contentTooLarge ? "request body too large" : "\(error.status)"
             return Response.json(WireFormat.encode(ConcordError(code, message)), status: error.status)
         } catch {
+            metrics.failed(.internal)
             logger.error("request failed", metadata: ["path": "\(request.uri.path)", "error": "\(error)"])
             return Response.json(
                 WireFormat.encode(ConcordError(.internal, "internal error")), status: .internalServerError)
@@ -200,6 +345,8 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
         case .unauthorized: .unauthorized
         case .forbidden: .forbidden
         case .unavailable: .serviceUnavailable
+        case .tooManyRequests: .tooManyRequests
+        case .timeout: .requestTimeout
         default: .internalServerError
         }
     }
@@ -210,6 +357,64 @@ struct API: Sendable {
     let store: PublisherStore
     let configuration: PublisherServer.Configuration
     let logger: Logger
+    let slots: StreamSlots
+    var metrics: PublisherMetrics { configuration.metrics }
+    var subscribers: SubscriberRegistry { configuration.subscribers }
+
+    init(store: PublisherStore, configuration: PublisherServer.Configuration, logger: Logger) {
+        self.store = store
+        self.configuration = configuration
+        self.logger = logger
+        slots = StreamSlots(perToken: configuration.maxStreamsPerToken, total: configuration.maxStreams)
+    }
+
+    static let subscriberField = HTTPField.Name(SubscriberRegistry.nameField)!
+
+    /// The subscriber a request comes from, when it names itself.
+    static func subscriber(_ request: Request) throws(ConcordError) -> String? {
+        guard let name = request.headers[subscriberField] else { return nil }
+        try SubscriberReport.validate(name: name)
+        return name
+    }
+
+    /// The request body, at most `limit` bytes, arriving within the configured time.
+    func body(of request: Request, upTo limit: Int) async throws -> [UInt8] {
+        let body = request.body
+        let timeout = configuration.requestBodyTimeout
+        return try await withThrowingTaskGroup(of: ByteBuffer?.self) { group in
+            group.addTask {
+                do {
+                    return try await body.collect(upTo: limit)
+                } catch let error as any HTTPResponseError {
+                    throw error
+                } catch is CancellationError {
+                    throw CancellationError()
+                } catch {
+                    // A body the HTTP decoder rejects (a bad chunk size, say) is the client's fault.
+                    throw ConcordError(.invalidRequest, "the request body is malformed: \(error)")
+                }
+            }
+            group.addTask {
+                try await Task.sleep(for: timeout)
+                return nil
+            }
+            defer { group.cancelAll() }
+            guard case .some(.some(let buffer)) = try await group.next() else {
+                throw ConcordError(.timeout, "the request body did not arrive within \(timeout)")
+            }
+            return Array(buffer: buffer)
+        }
+    }
+
+    /// `POST /v1/subscribers/report`: a subscriber's position, proof and repairs, for display.
+    func report(_ request: Request, token: AccessToken?) async throws -> Response {
+        let report = try SubscriberReport.decode(try await body(of: request, upTo: 4096))
+        guard report.position <= store.head else {
+            throw ConcordError(.beyondHead, "position \(report.position) is beyond the head LSN \(store.head)")
+        }
+        subscribers.reported(report, token: token?.name)
+        return Response.json(Array("{\"status\":\"ok\"}\n".utf8))
+    }
 
     /// The feed; a token limited to some collections sees only those.
     func feed(token: AccessToken?) async throws -> Response {
@@ -228,6 +433,7 @@ struct API: Sendable {
         let wait = try Self.integer(query["wait"], name: "wait", default: 0, range: 0...maxWaitSeconds)
         let collections = try Self.scope(try Self.collections(query["collections"]), token: token)
         let includeBefore = try Self.flag(query["before"], name: "before")
+        let subscriber = try Self.subscriber(request)
         try await store.checkPosition(after)
         var items = try await store.items(after: after, limit: limit, collections: collections)
         if items.isEmpty, wait > 0 {
@@ -238,6 +444,7 @@ struct API: Sendable {
         var writer = JSONWriter(capacity: items.count * 256)
         Self.append(
             items, checkpoints: checkpoints, collections: collections, includeBefore: includeBefore, to: &writer)
+        served(subscriber, token: token, after: after, items: items, bytes: writer.bytes.count)
         var headers = HTTPFields()
         headers[.contentType] = "application/x-ndjson"
         headers[Self.headField] = String(store.head)
@@ -253,15 +460,20 @@ struct API: Sendable {
         let after = try Self.lsn(query["after"], name: "after")
         let collections = try Self.scope(try Self.collections(query["collections"]), token: token)
         let includeBefore = try Self.flag(query["before"], name: "before")
+        let subscriber = try Self.subscriber(request)
         try await store.checkPosition(after)
         let store = self.store
         let configuration = self.configuration
+        let api = self
+        // Held until the response is written or dropped, whichever comes first.
+        let lease = try StreamLease(api: self, token: token?.name, subscriber: subscriber, after: after)
         var headers = HTTPFields()
         headers[.contentType] = "application/x-ndjson"
         headers[Self.headField] = String(store.head)
         return Response(
             status: .ok, headers: headers,
             body: ResponseBody { writer in
+                defer { lease.release() }
                 var cursor = after
                 var sent = 0
                 // A checkpoint at `after` itself is sent too: a subscriber that reached the head by
@@ -304,10 +516,24 @@ struct API: Sendable {
                         kept, checkpoints: checkpoints, collections: collections, includeBefore: includeBefore,
                         to: &lines)
                     try await writer.write(ByteBuffer(bytes: lines.bytes))
+                    api.served(subscriber, token: token, after: cursor, items: kept, bytes: lines.bytes.count)
                     cursor = items.last!.lastLSN
                 }
                 try await writer.finish(nil)
             })
+    }
+
+    /// Counts changes sent, in all and for the subscriber that asked.
+    func served(_ subscriber: String?, token: AccessToken?, after: LSN, items: [StreamItem], bytes: Int) {
+        var changes = 0
+        for item in items { if case .change = item { changes += 1 } }
+        metrics.changesServed.increment(by: Int64(changes))
+        metrics.bytesServed.increment(by: Int64(bytes))
+        if let subscriber {
+            subscribers.served(
+                subscriber, token: token?.name, after: after, through: items.last?.lastLSN ?? after, changes: changes,
+                bytes: bytes)
+        }
     }
 
     /// Writes `items`, each checkpoint right after the item that ends at its LSN.
@@ -339,6 +565,8 @@ struct API: Sendable {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(symbols.count * 42)
         SymbolCodec.encode(symbols, into: &bytes)
+        metrics.reconciliationBytes.increment(by: Int64(bytes.count))
+        metrics.bytesServed.increment(by: Int64(bytes.count))
         var headers = HTTPFields()
         headers[.contentType] = "application/octet-stream"
         return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
@@ -346,9 +574,9 @@ struct API: Sendable {
 
     /// `POST /v1/collections/{c}/lookup` with a body of 8-byte big-endian key hashes: the
     /// current records with those key hashes, binary (``RecordCodec``).
-    func lookup(_ request: inout Request, collection: String) async throws -> Response {
+    func lookup(_ request: Request, collection: String) async throws -> Response {
         try CollectionName.validate(collection)
-        let body = Array(buffer: try await request.collectBody(upTo: configuration.maxBodyBytes))
+        let body = try await body(of: request, upTo: configuration.maxBodyBytes)
         guard body.count % 8 == 0 else {
             throw ConcordError(.invalidRequest, "the body must be 8-byte key hashes")
         }
@@ -359,6 +587,8 @@ struct API: Sendable {
         var headers = HTTPFields()
         headers[.contentType] = "application/octet-stream"
         let bytes = RecordCodec.encode(lsn: page.lsn, records: page.records)
+        metrics.reconciliationBytes.increment(by: Int64(bytes.count))
+        metrics.bytesServed.increment(by: Int64(bytes.count))
         return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
     }
 
@@ -372,14 +602,15 @@ struct API: Sendable {
         let page = try await store.page(collection: collection, afterKey: afterKey, limit: limit)
         var headers = HTTPFields()
         headers[.contentType] = "application/x-ndjson"
-        return Response(
-            status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: WireFormat.encode(page))))
+        let bytes = WireFormat.encode(page)
+        metrics.bytesServed.increment(by: Int64(bytes.count))
+        return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
     }
 
-    func write(_ request: inout Request, token: AccessToken?) async throws -> Response {
+    func write(_ request: Request, token: AccessToken?) async throws -> Response {
         if let reason = configuration.writesRefused { throw ConcordError(.writesRefused, reason) }
-        let body = try await request.collectBody(upTo: configuration.maxBodyBytes)
-        let operations = try WireFormat.decodeWriteRequest(Array(buffer: body), limits: store.configuration.limits)
+        let body = try await body(of: request, upTo: configuration.maxBodyBytes)
+        let operations = try WireFormat.decodeWriteRequest(body, limits: store.configuration.limits)
         _ = try token?.scope(Set(operations.map(\.collection)))
         let lsn = try await store.write(operations)
         var writer = JSONWriter()
@@ -435,6 +666,34 @@ struct API: Sendable {
         }
         return names
     }
+}
+
+/// An open stream's slot and its place in the subscriber registry, given back exactly once:
+/// when the stream ends, or when its response is dropped unwritten.
+final class StreamLease: Sendable {
+    let slots: StreamSlots
+    let subscribers: SubscriberRegistry
+    let token: String
+    let subscriber: String?
+    private let released = Atomic<Bool>(false)
+
+    init(api: API, token: String?, subscriber: String?, after: LSN) throws(ConcordError) {
+        // Taken before the lease exists: a refused lease must not give back (in deinit) what it never took.
+        try api.slots.take(for: token ?? "")
+        slots = api.slots
+        subscribers = api.subscribers
+        self.token = token ?? ""
+        self.subscriber = subscriber
+        if let subscriber { subscribers.streamOpened(subscriber, token: token, after: after) }
+    }
+
+    func release() {
+        guard !released.exchange(true, ordering: .relaxed) else { return }
+        slots.release(for: token)
+        if let subscriber { subscribers.streamClosed(subscriber) }
+    }
+
+    deinit { release() }
 }
 
 /// The bearer tokens a publisher accepts, replaceable while it runs: rotating a token is

@@ -1,4 +1,5 @@
 import ArgumentParser
+import AsyncHTTPClient
 import ConcordClient
 import ConcordCore
 import Foundation
@@ -145,6 +146,18 @@ struct SourceAccessOptions: ParsableArguments {
 
     @Option(help: "Read the bearer token from this file (first line).")
     var tokenFile: String?
+
+    @Option(help: "Trust the certificate authorities in this PEM file for an https:// source (a private CA).")
+    var caFile: String?
+
+    /// An HTTP client trusting `--ca-file` when given.
+    func makeHTTPClient() throws -> HTTPClient {
+        do {
+            return try SourceClient.makeHTTPClient(trustedCertificates: caFile)
+        } catch let error as ConcordError {
+            throw ValidationError(error.message)
+        }
+    }
 
     func validate() throws {
         if token != nil, tokenFile != nil { throw ValidationError("give --token or --token-file, not both") }

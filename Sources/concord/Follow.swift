@@ -4,6 +4,7 @@ import ConcordClient
 import ConcordCore
 import ConcordPostgres
 import ConcordSQLite
+import ConcordServer
 import Foundation
 import Logging
 import ServiceLifecycle
@@ -54,6 +55,19 @@ struct Follow: AsyncParsableCommand {
     @Flag(help: "No progress bar for the bootstrap.")
     var quiet = false
 
+    @Option(
+        help: """
+            The name the publisher's dashboard and metrics show this subscriber under (default: this \
+            host and the replica's place). Printable ASCII, no spaces.
+            """)
+    var name: String?
+
+    @Option(help: "Serve /metrics (Prometheus), /healthz and /readyz on this port (0 picks a free one).")
+    var metricsPort: Int?
+
+    @Option(help: "Address for --metrics-port.")
+    var metricsHost = "127.0.0.1"
+
     @Flag(help: .hidden)
     var auditApplied = false
 
@@ -100,11 +114,24 @@ struct Follow: AsyncParsableCommand {
         configuration.verification = !noVerification
         configuration.scrubInterval = scrubIntervalSeconds > 0 ? .seconds(scrubIntervalSeconds) : nil
         configuration.bootstrapProgress = CollectionProgress(label: "bootstrap", quiet: quiet).update
-        let http = SourceClient.makeHTTPClient()
+        configuration.name = try subscriberName(location: store.location)
+        let http = try access.makeHTTPClient()
         let subscriber = Subscriber(configuration: configuration, store: store, http: http, logger: logger)
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: subscriber)]
+        if let metricsPort {
+            let host = metricsHost
+            let metricsApp = MetricsServer.makeApplication(
+                host: host, port: metricsPort, logger: logger,
+                metrics: { await subscriber.metrics.render(subscriber) },
+                readiness: { Self.readiness(of: subscriber.activity) }
+            ) { port in
+                logger.info("metrics listening", metadata: ["url": "http://\(host):\(port)/metrics"])
+            }
+            // Listed first, so it stops last: the metrics stay readable while the replica shuts down.
+            services.insert(.init(service: metricsApp), at: 0)
+        }
         let group = ServiceGroup(
-            configuration: .init(
-                services: [.init(service: subscriber)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         do {
             try await group.run()
         } catch {
@@ -117,5 +144,31 @@ struct Follow: AsyncParsableCommand {
         }
         try await http.shutdown()
         await (store as? PostgresReplicaStore)?.close()
+    }
+
+    /// The replica serves reads that are current: it is past its bootstrap and following.
+    static func readiness(of activity: Subscriber.Activity) -> String? {
+        switch activity {
+        case .following, .verifying, .repairing: nil
+        default: activity.rawValue
+        }
+    }
+
+    /// `--name`, checked, or `HOST:PLACE` (the replica's file or schema).
+    func subscriberName(location: String) throws -> String {
+        if let name {
+            do { try SubscriberReport.validate(name: name) } catch { throw ValidationError("--name: \(error.message)") }
+            return name
+        }
+        let host = ProcessInfo.processInfo.hostName.split(separator: ".").first.map(String.init) ?? "host"
+        let place = location.split(separator: "/").last.map(String.init) ?? location
+        let safe = String(
+            String(
+                decoding: "\(host):\(place)".utf8.map {
+                    $0 > 0x20 && $0 < 0x7F && !"\"\\<>".utf8.contains($0) ? $0 : UInt8(ascii: "_")
+                }, as: UTF8.self
+            )
+            .prefix(SubscriberReport.maxNameBytes))
+        return safe
     }
 }

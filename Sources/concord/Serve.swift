@@ -82,10 +82,58 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Require bearer tokens, given here as lines of the tokens file separated by ';'.")
     var tokens: String?
 
+    @Option(help: "Serve HTTPS with this certificate chain (PEM); needs --tls-key.")
+    var tlsCert: String?
+
+    @Option(help: "The private key (PEM) of --tls-cert.")
+    var tlsKey: String?
+
+    @Option(help: "Longest key accepted in a write, in bytes.")
+    var maxKeyBytes = 1024
+
+    @Option(help: "Largest value accepted in a write, in bytes.")
+    var maxValueBytes = 1 << 20
+
+    @Option(help: "Most changes in one write.")
+    var maxBatchChanges = 10_000
+
+    @Option(help: "Deepest nesting of JSON accepted in a value.")
+    var maxJsonDepth = 64
+
+    @Option(help: "Largest snapshot page (and pull) a client may ask for.")
+    var maxPageSize = 10_000
+
+    @Option(help: "Longest long-poll wait a client may ask for, in seconds.")
+    var maxWaitSeconds = 60
+
+    @Option(help: "Change streams one token may hold open at once (without tokens only --max-streams applies).")
+    var maxStreamsPerToken = 16
+
+    @Option(help: "Change streams open at once in all.")
+    var maxStreams = 512
+
+    @Option(help: "Disconnect a client that reads nothing for this many seconds while data waits for it.")
+    var stalledClientSeconds = 30
+
+    @Option(help: "A request body must arrive within this many seconds (else 408).")
+    var requestBodySeconds = 30
+
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
         if tokensFile != nil, tokens != nil { throw ValidationError("give --tokens-file or --tokens, not both") }
+        if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together") }
+        for (name, value) in [
+            ("--max-key-bytes", maxKeyBytes), ("--max-value-bytes", maxValueBytes),
+            ("--max-batch-changes", maxBatchChanges), ("--max-json-depth", maxJsonDepth),
+            ("--max-page-size", maxPageSize), ("--max-streams-per-token", maxStreamsPerToken),
+            ("--max-streams", maxStreams), ("--stalled-client-seconds", stalledClientSeconds),
+            ("--request-body-seconds", requestBodySeconds),
+            ("--max-body-bytes", maxBodyBytes),
+        ] where value < 1 {
+            throw ValidationError("\(name) must be at least 1")
+        }
+        if maxWaitSeconds < 0 { throw ValidationError("--max-wait-seconds cannot be negative") }
         if postgres != nil, (tables ?? "").isEmpty {
             throw ValidationError("--postgres needs --tables, e.g. --tables public.customers,public.orders")
         }
@@ -107,6 +155,10 @@ struct Serve: AsyncParsableCommand {
         storeConfiguration.retention.maxChanges = retainChanges
         storeConfiguration.retention.maxAge = retainSeconds > 0 ? .seconds(retainSeconds) : nil
         storeConfiguration.retention.maxBytes = retainBytes
+        storeConfiguration.limits.maxKeyBytes = maxKeyBytes
+        storeConfiguration.limits.maxValueBytes = maxValueBytes
+        storeConfiguration.limits.maxBatchChanges = maxBatchChanges
+        storeConfiguration.limits.maxDepth = maxJsonDepth
         let store: PublisherStore
         do {
             store = try PublisherStore(path: db, configuration: storeConfiguration)
@@ -130,6 +182,16 @@ struct Serve: AsyncParsableCommand {
         configuration.host = host
         configuration.port = port
         configuration.maxBodyBytes = maxBodyBytes
+        configuration.maxChangeLimit = maxPageSize
+        configuration.defaultChangeLimit = min(configuration.defaultChangeLimit, maxPageSize)
+        configuration.maxPageLimit = maxPageSize
+        configuration.defaultPageLimit = min(configuration.defaultPageLimit, maxPageSize)
+        configuration.maxWait = .seconds(maxWaitSeconds)
+        configuration.maxStreamsPerToken = maxStreamsPerToken
+        configuration.maxStreams = maxStreams
+        configuration.stalledClientTimeout = .seconds(stalledClientSeconds)
+        configuration.requestBodyTimeout = .seconds(requestBodySeconds)
+        if let tlsCert, let tlsKey { configuration.tls = .init(certificate: tlsCert, key: tlsKey) }
         configuration.dropEveryNthStreamItem = dropEveryNthStreamItem
         var capture: PostgresCapture?
         if let postgres {
@@ -140,16 +202,28 @@ struct Serve: AsyncParsableCommand {
             capture = PostgresCapture(configuration: captureConfiguration, store: store, logger: logger)
             configuration.writesRefused =
                 "this publisher captures its records from PostgreSQL; write to the database instead"
+            configuration.readiness = { [capture] in
+                capture?.isStreaming == true ? nil : "copying or reconnecting to PostgreSQL"
+            }
         }
         let host = self.host
         let portFile = self.portFile
-        let app = PublisherServer.makeApplication(store: store, configuration: configuration, logger: logger) { port in
-            logger.info("publisher listening", metadata: ["url": "http://\(host):\(port)", "feed": "\(store.feedID)"])
-            print("concord: serving feed \(store.feedID) on http://\(host):\(port) (head \(store.head))")
-            fflush(nil)
-            if let portFile {
-                try? String(port).write(toFile: portFile, atomically: true, encoding: .utf8)
+        let scheme = configuration.tls == nil ? "http" : "https"
+        let app: any Service
+        do {
+            app = try PublisherServer.makeApplication(store: store, configuration: configuration, logger: logger) {
+                port in
+                logger.info(
+                    "publisher listening", metadata: ["url": "\(scheme)://\(host):\(port)", "feed": "\(store.feedID)"])
+                print("concord: serving feed \(store.feedID) on \(scheme)://\(host):\(port) (head \(store.head))")
+                fflush(nil)
+                if let portFile {
+                    try? String(port).write(toFile: portFile, atomically: true, encoding: .utf8)
+                }
             }
+        } catch let error as ConcordError {
+            FileHandle.printError("error: \(error.message)")
+            throw ExitCode(2)
         }
         let group = ServiceGroup(
             configuration: .init(

@@ -33,7 +33,7 @@ struct Status: AsyncParsableCommand {
     func run() async throws {
         var feed: FeedInfo?
         if let source {
-            let http = SourceClient.makeHTTPClient()
+            let http = try access.makeHTTPClient()
             do {
                 feed = try await SourceClient(
                     baseURL: source, http: http, configuration: try access.clientConfiguration

@@ -57,7 +57,7 @@ struct Verify: AsyncParsableCommand {
             FileHandle.printError("error: \(db) is still bootstrapping; verify it once the bootstrap is complete")
             throw ExitCode(1)
         }
-        let http = SourceClient.makeHTTPClient()
+        let http = try access.makeHTTPClient()
         let client = SourceClient(baseURL: source, http: http, configuration: try access.clientConfiguration)
         var reports: [ReconciliationReport] = []
         do {

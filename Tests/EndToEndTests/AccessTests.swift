@@ -79,6 +79,9 @@ struct AccessTests {
             [
                 Call(method: .GET, path: "/v1/feed"), Call(method: .GET, path: "/v1/changes?after=0"),
                 Call(method: .GET, path: "/v1/changes/stream?after=0"),
+                Call(
+                    method: .POST, path: "/v1/subscribers/report",
+                    body: SubscriberReport(name: "billing-replica", activity: "following", position: 1).encoded()),
             ] + customerCalls
         let customerWrite = Call(
             method: .POST, path: "/v1/write",
@@ -106,8 +109,28 @@ struct AccessTests {
         // Only what the writers wrote is stored: the refused writes changed nothing.
         let feed = try await SourceClient(baseURL: base, http: http, configuration: writing).feed()
         #expect(feed.head == head + 1)
-        // /healthz needs no token.
+        // /healthz and /readyz need no token.
         #expect(try await Self.request(http, base, Call(method: .GET, path: "/healthz"), token: nil).status == 200)
+        #expect(try await Self.request(http, base, Call(method: .GET, path: "/readyz"), token: nil).status == 200)
+        // The metrics and the dashboard show every collection's subscribers: admin only.
+        for path in ["/metrics", "/"] {
+            let call = Call(method: .GET, path: path)
+            let missing = try await Self.request(http, base, call, token: nil)
+            #expect(missing.status == 401, "\(path) without a token")
+            #expect(try await Self.request(http, base, call, token: "not-a-token-0123456789").status == 401)
+            #expect(try await Self.request(http, base, call, token: Self.customersReader).status == 403, "\(path)")
+            let admin = try await Self.request(http, base, call, token: Self.admin)
+            #expect(admin.status == 200 && admin.body.contains("billing-replica"), "\(path) for the admin")
+        }
+        // A browser prompts for the dashboard's password (Basic) and sends the admin secret as it.
+        let dashboard = try await Self.request(http, base, Call(method: .GET, path: "/"), token: nil)
+        #expect(dashboard.authenticate?.hasPrefix("Basic") == true)
+        var basic = HTTPClientRequest(url: base + "/")
+        basic.headers.add(name: "authorization", value: "Basic " + Data("ops:\(Self.admin)".utf8).base64EncodedString())
+        #expect(try await http.execute(basic, timeout: .seconds(10)).status == .ok)
+        basic.headers.replaceOrAdd(
+            name: "authorization", value: "Basic " + Data("ops:\(Self.customersReader)".utf8).base64EncodedString())
+        #expect(try await http.execute(basic, timeout: .seconds(10)).status == .forbidden)
 
         // Rotation: billing gets a new secret; SIGHUP makes it the only one, without a restart,
         // and ends the stream open with the old one.
