@@ -108,6 +108,9 @@ struct GlobalOptions: ParsableArguments {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+    @Option(help: "Log format: text, or json (one object a line, for log collectors).")
+    var logFormat: String = "text"
+
     @Option(
         help: """
             Read options from this file (also CONCORD_CONFIG): `key = value` lines, optionally under \
@@ -119,7 +122,13 @@ struct GlobalOptions: ParsableArguments {
     /// Sets up logging once for the process; returns the root logger.
     func bootstrapLogging(label: String) -> Logger {
         let level = Logger.Level(rawValue: logLevel.lowercased()) ?? .info
+        let json = logFormat.lowercased() == "json"
         LoggingSystem.bootstrap { label in
+            if json {
+                var handler = JSONLogHandler(label: label)
+                handler.logLevel = level
+                return handler
+            }
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler

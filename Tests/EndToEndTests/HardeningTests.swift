@@ -277,7 +277,7 @@ struct HardeningTests {
         // The replica that followed throughout ends verified equal.
         let replica = try ReplicaStore(path: replicaPath)
         try await Harness.waitUntil("the replica is verified at the head", timeout: .seconds(60)) {
-            guard let state = try await replica.state() else { return false }
+            guard let state = try replica.state() else { return false }
             return state.position == feed.head && state.verifiedLSN == feed.head
         }
         let source = try PublisherStore(path: db)
@@ -326,7 +326,7 @@ struct HardeningTests {
             let head = try await writer.feed().head
             try await Harness.waitUntil("all 50 replicas are verified at the head", timeout: .seconds(180)) {
                 for store in stores {
-                    guard let state = try await store.state(), state.position == head, state.verifiedLSN == head else {
+                    guard let state = try store.state(), state.position == head, state.verifiedLSN == head else {
                         return false
                     }
                 }

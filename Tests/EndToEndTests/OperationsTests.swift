@@ -177,10 +177,10 @@ struct OperationsTests {
         ])
         let replica = try ReplicaStore(path: replicaPath)
         try await Harness.waitUntil("the replica is verified at the head over HTTPS", timeout: .seconds(60)) {
-            guard let state = try await replica.state() else { return false }
+            guard let state = try replica.state() else { return false }
             return state.position == head && state.verifiedLSN == head
         }
-        #expect(try await replica.records(of: "items").count == 30)
+        #expect(try replica.records(of: "items").count == 30)
         #expect(follower.terminate() == 0)
 
         // `status` without the CA fails with a certificate error, and exits 1.
@@ -275,46 +275,54 @@ struct OperationsTests {
     @Test func sigtermStopsThePublisherCleanlyAndSubscribersResume() async throws {
         let folder = Harness.folder()
         let db = folder.appendingPathComponent("source.sqlite").path
-        var (server, port) = try await ConcordProcess.serve(db: db)
+        let log = folder.appendingPathComponent("serve.log").path
+        var (server, port) = try await ConcordProcess.serve(db: db, extra: ["--log-format", "json"], log: log)
         let base = "http://127.0.0.1:\(port)"
         let http = SourceClient.makeHTTPClient()
         let replicaPath = folder.appendingPathComponent("replica.sqlite").path
         let follower = try ConcordProcess(["follow", "--source", base, "--db", replicaPath, "--quiet"])
         // Multi-change transactions go on while the publisher is stopped and started again.
+        let written = ByteCounter()
         let writer = Task {
             var workload = RandomWorkload(keySpace: 300)
             let client = SourceClient(baseURL: base, http: http)
-            var written = 0
-            var refused = 0
-            while !Task.isCancelled, written < 500 {
+            while !Task.isCancelled, written.value < 500 {
                 do {
                     try await client.write(workload.transaction())
-                    written += 1
+                    written.add(1)
                     try await Task.sleep(for: .milliseconds(5))
                 } catch {
-                    refused += 1
                     try? await Task.sleep(for: .milliseconds(20))
                 }
             }
-            return refused
         }
-        try await Task.sleep(for: .seconds(1))
+        try await Harness.waitUntil("writes are going on", timeout: .seconds(30)) { written.value >= 50 }
         let stopping = ContinuousClock.now
+        let writtenBeforeStop = written.value
         #expect(server.terminate() == 0, "SIGTERM ends the publisher with exit 0")
         #expect(ContinuousClock.now - stopping < .seconds(10), "promptly")
         let replica = try ReplicaStore(path: replicaPath)
         (server, port) = try await ConcordProcess.serve(db: db, port: port)
-        #expect(try await writer.value > 0, "writes went on while the publisher was down")
+        #expect(writtenBeforeStop < 500, "the publisher stopped while writes went on")
+        await writer.value
         let source = try PublisherStore(path: db)
         let head = try await SourceClient(baseURL: base, http: http).feed().head
         try await Harness.waitUntil("the replica is verified at the head after the restart", timeout: .seconds(60)) {
-            guard let state = try await replica.state() else { return false }
+            guard let state = try replica.state() else { return false }
             return state.position == head && state.verifiedLSN == head
         }
         #expect(try await Harness.differences(source: source, replica: replica).isEmpty)
         #expect(follower.terminate() == 0)
         #expect(server.terminate() == 0)
         try await http.shutdown()
+        // `--log-format json`: every line a JSON object with level, label and message.
+        let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n")
+        #expect(lines.count >= 2)
+        for line in lines {
+            let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
+            #expect(object?["level"] is String && object?["message"] is String, "\(line)")
+        }
+        #expect(lines.contains { $0.contains("publisher listening") })
     }
 }
 
