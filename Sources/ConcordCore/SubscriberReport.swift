@@ -33,11 +33,14 @@ public struct SubscriberReport: Sendable, Hashable {
     /// Longest name accepted; names are shown on the dashboard and used as metric labels.
     public static let maxNameBytes = 128
 
-    /// Names are printable ASCII without spaces or quotes, so they are safe as labels and in HTML.
+    /// Whether `byte` may stand in a name: printable ASCII but space, `"`, `\`, `<` and `>`, so
+    /// names are safe as metric labels and in HTML.
+    public static func isNameByte(_ byte: UInt8) -> Bool {
+        byte > 0x20 && byte < 0x7F && byte != 0x22 && byte != 0x5C && byte != 0x3C && byte != 0x3E
+    }
+
     public static func validate(name: String) throws(ConcordError) {
-        guard !name.isEmpty, name.utf8.count <= maxNameBytes,
-            name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != 0x22 && $0 != 0x5C && $0 != 0x3C && $0 != 0x3E })
-        else {
+        guard !name.isEmpty, name.utf8.count <= maxNameBytes, name.utf8.allSatisfy(isNameByte) else {
             throw ConcordError(
                 .invalidRequest,
                 "a subscriber name is 1 to \(maxNameBytes) printable ASCII characters without spaces, quotes, \\, < or >"

@@ -100,23 +100,19 @@ public enum PublisherServer {
             _ = try token(request, .read)?.scope([name])
             return name
         }
+        /// Why the publisher is not ready (`nil`: ready).
+        @Sendable func notReady() -> String? {
+            store.headWatch.isClosed ? "shutting down" : configuration.readiness()
+        }
         @Sendable func overview() async throws -> PublisherOverview {
             try await PublisherOverview.gather(
                 store: store, registry: configuration.subscribers, openStreams: api.slots.openCount,
-                readiness: store.headWatch.isClosed ? "shutting down" : configuration.readiness())
+                readiness: notReady())
         }
-        router.get("/healthz") { _, _ in Response.json(Array("{\"status\":\"ok\"}\n".utf8)) }
-        router.get("/readyz") { _, _ in
-            let reason = store.headWatch.isClosed ? "shutting down" : configuration.readiness()
-            if let reason { throw ConcordError(.unavailable, "not ready: \(reason)") }
-            return Response.json(Array("{\"status\":\"ready\"}\n".utf8))
-        }
+        router.addHealthChecks(readiness: notReady)
         router.get("/metrics") { request, _ in
             _ = try token(request, .admin)
-            var headers = HTTPFields()
-            headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
-            let bytes = metrics.render(try await overview())
-            return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+            return Response.prometheus(metrics.render(try await overview()))
         }
         router.get("/") { request, _ in
             if let gate {
@@ -159,7 +155,8 @@ public enum PublisherServer {
             try await api.lookup(request, collection: try collection(request, context))
         }
         router.post("/v1/subscribers/report") { request, _ in
-            try await api.report(request, token: try token(request, .read))
+            _ = try token(request, .read)
+            return try await api.report(request)
         }
         router.post("/v1/write") { request, _ in
             try await api.write(request, token: try token(request, .write))
@@ -303,16 +300,17 @@ extension Response {
 /// and counts requests and errors for the metrics.
 struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     let logger: Logger
-    let metrics: PublisherMetrics
+    /// Where requests and errors are counted (`nil`: nowhere).
+    let metrics: PublisherMetrics?
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response)
         async throws -> Response
     {
-        metrics.requests.increment()
+        metrics?.requests.increment()
         do {
             return try await next(request, context)
         } catch let error as ConcordError {
-            metrics.failed(error.code)
+            metrics?.failed(error.code)
             var response = Response.json(WireFormat.encode(error), status: Self.status(for: error.code))
             if error.code == .unauthorized { response.headers[.wwwAuthenticate] = "Bearer realm=\"concord\"" }
             return response
@@ -324,11 +322,11 @@ struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
                 case .badRequest: .invalidRequest
                 default: .internal
                 }
-            metrics.failed(code)
+            metrics?.failed(code)
             let message = error.status == .contentTooLarge ? "request body too large" : "\(error.status)"
             return Response.json(WireFormat.encode(ConcordError(code, message)), status: error.status)
         } catch {
-            metrics.failed(.internal)
+            metrics?.failed(.internal)
             logger.error("request failed", metadata: ["path": "\(request.uri.path)", "error": "\(error)"])
             return Response.json(
                 WireFormat.encode(ConcordError(.internal, "internal error")), status: .internalServerError)
@@ -407,12 +405,12 @@ struct API: Sendable {
     }
 
     /// `POST /v1/subscribers/report`: a subscriber's position, proof and repairs, for display.
-    func report(_ request: Request, token: AccessToken?) async throws -> Response {
+    func report(_ request: Request) async throws -> Response {
         let report = try SubscriberReport.decode(try await body(of: request, upTo: 4096))
         guard report.position <= store.head else {
             throw ConcordError(.beyondHead, "position \(report.position) is beyond the head LSN \(store.head)")
         }
-        subscribers.reported(report, token: token?.name)
+        subscribers.reported(report)
         return Response.json(Array("{\"status\":\"ok\"}\n".utf8))
     }
 
@@ -444,7 +442,7 @@ struct API: Sendable {
         var writer = JSONWriter(capacity: items.count * 256)
         Self.append(
             items, checkpoints: checkpoints, collections: collections, includeBefore: includeBefore, to: &writer)
-        served(subscriber, token: token, after: after, items: items, bytes: writer.bytes.count)
+        served(subscriber, after: after, items: items, bytes: writer.bytes.count)
         var headers = HTTPFields()
         headers[.contentType] = "application/x-ndjson"
         headers[Self.headField] = String(store.head)
@@ -516,7 +514,7 @@ struct API: Sendable {
                         kept, checkpoints: checkpoints, collections: collections, includeBefore: includeBefore,
                         to: &lines)
                     try await writer.write(ByteBuffer(bytes: lines.bytes))
-                    api.served(subscriber, token: token, after: cursor, items: kept, bytes: lines.bytes.count)
+                    api.served(subscriber, after: cursor, items: kept, bytes: lines.bytes.count)
                     cursor = items.last!.lastLSN
                 }
                 try await writer.finish(nil)
@@ -524,15 +522,13 @@ struct API: Sendable {
     }
 
     /// Counts changes sent, in all and for the subscriber that asked.
-    func served(_ subscriber: String?, token: AccessToken?, after: LSN, items: [StreamItem], bytes: Int) {
+    func served(_ subscriber: String?, after: LSN, items: [StreamItem], bytes: Int) {
         var changes = 0
         for item in items { if case .change = item { changes += 1 } }
         metrics.changesServed.increment(by: Int64(changes))
         metrics.bytesServed.increment(by: Int64(bytes))
         if let subscriber {
-            subscribers.served(
-                subscriber, token: token?.name, after: after, through: items.last?.lastLSN ?? after, changes: changes,
-                bytes: bytes)
+            subscribers.served(subscriber, after: after, through: items.last?.lastLSN ?? after, changes: changes)
         }
     }
 
@@ -684,7 +680,7 @@ final class StreamLease: Sendable {
         subscribers = api.subscribers
         self.token = token ?? ""
         self.subscriber = subscriber
-        if let subscriber { subscribers.streamOpened(subscriber, token: token, after: after) }
+        if let subscriber { subscribers.streamOpened(subscriber, after: after) }
     }
 
     func release() {

@@ -11,8 +11,6 @@ import Synchronization
 public final class SubscriberRegistry: Sendable {
     public struct Entry: Sendable, Hashable {
         public var name: String
-        /// The token it last used (its name), when tokens are configured.
-        public var token: String?
         public var activity = "connected"
         /// The last LSN it has applied (reported) or been sent (served), whichever is later.
         public var position: LSN = 0
@@ -22,9 +20,7 @@ public final class SubscriberRegistry: Sendable {
         public var mismatches = 0
         public var openStreams = 0
         public var changesServed = 0
-        public var bytesServed = 0
         public var lastSeen: Date
-        public var lastReport: Date?
     }
 
     /// The request header naming the subscriber.
@@ -41,10 +37,9 @@ public final class SubscriberRegistry: Sendable {
         self.capacity = capacity
     }
 
-    func update(_ name: String, token: String?, now: Date = Date(), _ change: (inout Entry) -> Void) {
+    func update(_ name: String, now: Date = Date(), _ change: (inout Entry) -> Void) {
         entries.withLock { entries in
             var entry = entries[name] ?? Entry(name: name, lastSeen: now)
-            entry.token = token ?? entry.token
             entry.lastSeen = now
             change(&entry)
             entries[name] = entry
@@ -58,35 +53,33 @@ public final class SubscriberRegistry: Sendable {
         }
     }
 
-    public func reported(_ report: SubscriberReport, token: String?) {
-        update(report.name, token: token) { entry in
+    public func reported(_ report: SubscriberReport) {
+        update(report.name) { entry in
             entry.activity = report.activity
             entry.position = max(entry.position, report.position)
             entry.verifiedLSN = report.verifiedLSN
             entry.repairs = report.repairs
             entry.repairedRecords = report.repairedRecords
             entry.mismatches = report.mismatches
-            entry.lastReport = entry.lastSeen
         }
     }
 
-    func streamOpened(_ name: String, token: String?, after: LSN) {
-        update(name, token: token) { entry in
+    func streamOpened(_ name: String, after: LSN) {
+        update(name) { entry in
             entry.openStreams += 1
             entry.position = max(entry.position, after)
         }
     }
 
     func streamClosed(_ name: String) {
-        update(name, token: nil) { $0.openStreams = max(0, $0.openStreams - 1) }
+        update(name) { $0.openStreams = max(0, $0.openStreams - 1) }
     }
 
     /// Changes sent through `through` (a stream batch or a pull's answer).
-    func served(_ name: String, token: String?, after: LSN, through: LSN, changes: Int, bytes: Int) {
-        update(name, token: token) { entry in
+    func served(_ name: String, after: LSN, through: LSN, changes: Int) {
+        update(name) { entry in
             entry.position = max(entry.position, after, through)
             entry.changesServed += changes
-            entry.bytesServed += bytes
         }
     }
 

@@ -164,9 +164,8 @@ struct Follow: AsyncParsableCommand {
         let place = location.split(separator: "/").last.map(String.init) ?? location
         let safe = String(
             String(
-                decoding: "\(host):\(place)".utf8.map {
-                    $0 > 0x20 && $0 < 0x7F && !"\"\\<>".utf8.contains($0) ? $0 : UInt8(ascii: "_")
-                }, as: UTF8.self
+                decoding: "\(host):\(place)".utf8.map { SubscriberReport.isNameByte($0) ? $0 : UInt8(ascii: "_") },
+                as: UTF8.self
             )
             .prefix(SubscriberReport.maxNameBytes))
         return safe
