@@ -64,16 +64,21 @@ final class RawConnection {
         return received
     }
 
-    /// The status code of the first response read, if one arrives.
-    func status() -> Int? {
+    /// Reads until `marker` has arrived, the peer closes, or the receive timeout passes.
+    func read(until marker: String) -> String {
         var received: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 4096)
-        while !received.contains(UInt8(ascii: "\n")) {
+        while !String(decoding: received, as: UTF8.self).contains(marker) {
             let count = buffer.withUnsafeMutableBytes { recv(socket, $0.baseAddress, $0.count, 0) }
             if count <= 0 { break }
             received += buffer[0..<count]
         }
-        let text = String(decoding: received.prefix(64), as: UTF8.self)
+        return String(decoding: received, as: UTF8.self)
+    }
+
+    /// The status code of the first response read, if one arrives.
+    func status() -> Int? {
+        let text = String(read(until: "\n").prefix(64))
         guard text.hasPrefix("HTTP/1.1 ") else { return nil }
         return Int(text.dropFirst(9).prefix(3))
     }
