@@ -475,7 +475,7 @@ public final class Subscriber: Service, Sendable {
                     case .item(var item):
                         // Hashed here, while the previous batch is written.
                         if hashesAhead, case .change(var change) = item, change.value != nil {
-                            change.after = Element(change)
+                            change.after = Element(change, replacing: change.before)
                             item = .change(change)
                         }
                         if case .gap(let expected, let received) = sequencer.receive(item) {

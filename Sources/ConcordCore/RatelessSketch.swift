@@ -114,6 +114,16 @@ public struct RatelessSketch: Sendable {
     }
 
     public mutating func add(_ element: Element) { apply(SketchItem(element), direction: 1) }
+
+    /// Replaces `before` (if any) by `after` (if any).
+    public mutating func apply(before: Element?, after: Element?) {
+        switch (before, after) {
+        case (let before?, let after?): replace(before, with: after)
+        case (let before?, nil): remove(before)
+        case (nil, let after?): add(after)
+        case (nil, nil): break
+        }
+    }
     public mutating func remove(_ element: Element) { apply(SketchItem(element), direction: -1) }
 
     /// Removes `old` and adds `new` in one pass: the two index chains are independent, so
@@ -265,13 +275,15 @@ public struct SketchSet: Sendable {
 
     /// Replaces `before` (if any) by `after` (if any) in `collection`'s sketch.
     public mutating func apply(_ collection: String, before: Element?, after: Element?) {
+        modify(collection) { $0.apply(before: before, after: after) }
+    }
+
+    /// Runs `body` on `collection`'s sketch, taken out of the dictionary so it is not copied.
+    ///
+    /// Callers with many changes to one collection look it up once, not twice per change.
+    public mutating func modify(_ collection: String, _ body: (inout RatelessSketch) -> Void) {
         var sketch = sketches.removeValue(forKey: collection) ?? RatelessSketch(capacity: capacity)
-        switch (before, after) {
-        case (let before?, let after?): sketch.replace(before, with: after)
-        case (let before?, nil): sketch.remove(before)
-        case (nil, let after?): sketch.add(after)
-        case (nil, nil): break
-        }
+        body(&sketch)
         sketches[collection] = sketch
     }
 

@@ -39,7 +39,7 @@ package final class KeptSketches: Sendable {
                 return pending.changes.isEmpty ? [] : Self.take(&pending.changes)
             }
             guard set != nil else { return }
-            for change in changes { set!.apply(change.collection, before: change.before, after: change.after) }
+            set!.apply(changes)
         }
     }
 
@@ -72,5 +72,21 @@ package final class KeptSketches: Sendable {
     package func sketch(of collection: String) -> RatelessSketch? {
         drain()
         return sets.withLock { $0?.sketch(of: collection) }
+    }
+}
+
+extension SketchSet {
+    /// Applies element changes in order, one dictionary lookup per run of changes to a collection.
+    package mutating func apply(_ changes: [PublisherStore.ElementChange]) {
+        var start = changes.startIndex
+        while start < changes.endIndex {
+            let collection = changes[start].collection
+            var end = start + 1
+            while end < changes.endIndex, changes[end].collection == collection { end += 1 }
+            modify(collection) { sketch in
+                for change in changes[start..<end] { sketch.apply(before: change.before, after: change.after) }
+            }
+            start = end
+        }
     }
 }

@@ -200,11 +200,7 @@ public final class PublisherStore: Sendable {
                 }
                 // Inside the write, so a reader that copies the sketches under the write lock
                 // sees them at exactly the committed head.
-                self.sketches.withLock { sketches in
-                    for change in touched {
-                        sketches?.apply(change.collection, before: change.before, after: change.after)
-                    }
-                }
+                self.sketches.withLock { $0?.apply(touched) }
                 return last
             }
         } catch {

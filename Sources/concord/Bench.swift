@@ -111,7 +111,7 @@ struct Bench: AsyncParsableCommand {
     /// a two-second catch-up varies by a third between runs on this machine.
     func streamBenchmark(folder: URL, logger: Logger, results: inout [String: Double]) async throws {
         let count = changes
-        let rounds = 3
+        let rounds = 5
         say(
             "stream: \(count) records of 200-byte values, then \(rounds) rounds of \(count) updates caught up and "
                 + "\(count) applied live, alternating between a replica with verification and one without")
@@ -157,11 +157,18 @@ struct Bench: AsyncParsableCommand {
                         samples["stream_publisher_write_per_s" + setup.name, default: []].append(
                             Double(count) / (ContinuousClock.now - writeStart).seconds)
                         let catchUpStart = ContinuousClock.now
+                        let followerCPUStart = setup.child.cpuSeconds
+                        let publisherCPUStart = ProcessCPU.ownSeconds
                         setup.child.resume()
                         let head = setup.store.head
                         try await setup.child.waitUntil(timeout: .seconds(300)) { $0.position >= head }
                         samples["stream_catchup_per_s" + setup.name, default: []].append(
                             Double(count) / (ContinuousClock.now - catchUpStart).seconds)
+                        // CPU per change tells what verification costs even when the wall clock is noisy.
+                        samples["stream_catchup_subscriber_cpu_us" + setup.name, default: []].append(
+                            (setup.child.cpuSeconds - followerCPUStart) * 1e6 / Double(count))
+                        samples["stream_catchup_publisher_cpu_us" + setup.name, default: []].append(
+                            (ProcessCPU.ownSeconds - publisherCPUStart) * 1e6 / Double(count))
                         // Live: writes and apply run at the same time; end to end is write start to replica at head.
                         revision += 1
                         let liveStart = ContinuousClock.now
@@ -204,6 +211,11 @@ struct Bench: AsyncParsableCommand {
                     format:
                         "    streaming apply, live end to end:     %9.0f changes/s  (%.2fx; writes and apply share the 2 cores)",
                     live, live / Self.pgApplyRowsPerSecond))
+            say(
+                String(
+                    format: "    CPU per change caught up:             %9.2f µs subscriber, %.2f µs publisher process",
+                    report["stream_catchup_subscriber_cpu_us" + suffix]!,
+                    report["stream_catchup_publisher_cpu_us" + suffix]!))
             say(
                 String(
                     format: "    subscriber peak RSS:                  %9.1f MB",
@@ -364,6 +376,22 @@ extension Duration {
     }
 }
 
+/// CPU time of processes, read from /proc.
+enum ProcessCPU {
+    /// User plus system CPU time of `pid` (fields 14 and 15 of /proc/PID/stat, in clock ticks).
+    static func seconds(of pid: pid_t) -> Double {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = stat.lastIndex(of: ")")
+        else { return 0 }
+        // Fields after the command name, which may hold spaces, start at field 3.
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }
+        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    static var ownSeconds: Double { seconds(of: getpid()) }
+}
+
 /// A `concord follow` child process, watched through its replica file.
 final class FollowProcess: @unchecked Sendable {
     let process = Process()
@@ -391,6 +419,9 @@ final class FollowProcess: @unchecked Sendable {
 
     func pause() { kill(process.processIdentifier, SIGSTOP) }
     func resume() { kill(process.processIdentifier, SIGCONT) }
+
+    /// User plus system CPU time the child has used so far.
+    var cpuSeconds: Double { ProcessCPU.seconds(of: process.processIdentifier) }
 
     var peakRSSMegabytes: Double {
         guard let status = try? String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8),

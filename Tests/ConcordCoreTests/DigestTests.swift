@@ -47,6 +47,22 @@ import Testing
         #expect(Element(collection: "users", key: "42", version: 9, value: "0").keyHash == element.keyHash)
     }
 
+    @Test func aChangesElementTakesTheKeyHashOfTheElementItReplaces() {
+        var generator = SeededGenerator(seed: 11)
+        for index in 0..<300 {
+            let value = String(repeating: "v", count: Int.random(in: 0..<400, using: &generator))
+            let old = Element(collection: "orders", key: "k\(index)", version: 1, value: "0")
+            let change = Change(
+                lsn: UInt64(index + 2), collection: "orders", key: "k\(index)", operation: .upsert, value: value,
+                isCommit: true)
+            // One SHA-256 saved, the same element: the key hash depends on collection and key only.
+            #expect(Element(change, replacing: old) == Element(change))
+            #expect(Element(change, replacing: nil) == Element(change))
+        }
+        let delete = Change(lsn: 9, collection: "orders", key: "k1", operation: .delete, value: nil, isCommit: true)
+        #expect(Element(delete, replacing: Element(collection: "orders", key: "k1", version: 1, value: "0")) == nil)
+    }
+
     @Test func digestsAreOrderIndependentAndSubtractionUndoesAddition() {
         let elements = (0..<200).map {
             Element(collection: "c", key: "k\($0)", version: UInt64($0 + 1), value: "\($0)")
@@ -115,6 +131,28 @@ import Testing
         let total = remoteExtra.count + localExtra.count + 2 * staleRemote.count
         // The paper's overhead: about 1.35 symbols per difference for large differences, more for tiny ones.
         #expect(used <= max(8, total * 2), "used \(used) symbols for \(total) differences")
+    }
+
+    @Test func aSketchSetAppliesChangesLikeEachSketchAlone() {
+        let old = elements(0..<200)
+        let new = elements(0..<200, version: 2)
+        var set = SketchSet(capacity: 256)
+        var users = RatelessSketch(capacity: 256)
+        var orders = RatelessSketch(capacity: 256)
+        for (index, element) in old.enumerated() {
+            set.apply(index % 3 == 0 ? "users" : "orders", before: nil, after: element)
+            if index % 3 == 0 { users.add(element) } else { orders.add(element) }
+        }
+        // Updates to "orders" in one run, as a batch of changes to one collection applies them.
+        set.modify("orders") { sketch in
+            for index in old.indices where index % 3 != 0 { sketch.apply(before: old[index], after: new[index]) }
+        }
+        for index in old.indices where index % 3 != 0 { orders.replace(old[index], with: new[index]) }
+        set.apply("users", before: old[0], after: nil)
+        users.remove(old[0])
+        #expect(set.sketch(of: "users").symbols == users.symbols)
+        #expect(set.sketch(of: "orders").symbols == orders.symbols)
+        #expect(set.sketch(of: "none").symbols == RatelessSketch(capacity: 256).symbols)
     }
 
     @Test func equalSetsDecodeAtTheFirstSymbol() {

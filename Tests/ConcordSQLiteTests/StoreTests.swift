@@ -212,3 +212,29 @@ func temporaryFile(_ name: String) -> String {
         #expect(columns == ["key", "version", "value"])
     }
 }
+
+@Suite struct KeptSketchesTests {
+    /// A transaction's element changes, interleaving collections, fold in as if applied one by one.
+    @Test func aBatchOfElementChangesFoldsInLikeEachChangeAlone() {
+        let collections = ["a", "b", "a", "a", "c", "b", "b", "a"]
+        var changes: [PublisherStore.ElementChange] = []
+        for round in 0..<3 {
+            for (index, collection) in collections.enumerated() {
+                let before =
+                    round == 0
+                    ? nil : Element(collection: collection, key: "k\(index)", version: UInt64(round), value: "v")
+                let after =
+                    round == 2 && index % 2 == 0
+                    ? nil : Element(collection: collection, key: "k\(index)", version: UInt64(round + 1), value: "v")
+                changes.append(.init(collection: collection, before: before, after: after))
+            }
+        }
+        var batched = SketchSet(capacity: 128)
+        batched.apply(changes)
+        var single = SketchSet(capacity: 128)
+        for change in changes { single.apply(change.collection, before: change.before, after: change.after) }
+        for collection in ["a", "b", "c"] {
+            #expect(batched.sketch(of: collection).symbols == single.sketch(of: collection).symbols)
+        }
+    }
+}
