@@ -248,10 +248,13 @@ public final class Subscriber: Service, Sendable {
         }
     }
 
-    /// Compares a checkpoint the replica has applied through; reconciles what differs.
-    func verify(_ checkpoint: Checkpoint) async throws {
+    /// Compares a checkpoint the replica has applied through (or takes the comparison the
+    /// apply transaction made, `outcome`); reconciles what differs.
+    func verify(_ checkpoint: Checkpoint, outcome: CheckpointOutcome? = nil) async throws {
         guard configuration.verification else { return }
-        switch try await store.check(checkpoint) {
+        let judged: CheckpointOutcome
+        if let outcome { judged = outcome } else { judged = try await store.check(checkpoint) }
+        switch judged {
         case .verified:
             metrics.verifications.increment()
             logger.debug("verified", metadata: ["lsn": "\(checkpoint.lsn)"])
@@ -447,10 +450,18 @@ public final class Subscriber: Service, Sendable {
                 if let checkpoint { try await pipeline.submit(stoppingUnless: { try await self.verifyAt(checkpoint) }) }
                 return true
             }
+            let verifying = configuration.verification
             try await pipeline.submit(stoppingUnless: {
-                try await self.store.apply(items, through: through)
-                guard let checkpoint else { return true }
-                return try await self.verifyAt(checkpoint)
+                guard let checkpoint else {
+                    try await self.store.apply(items, through: through)
+                    return true
+                }
+                guard verifying, checkpoint.lsn == through else {
+                    try await self.store.apply(items, through: through)
+                    return try await self.verifyAt(checkpoint)
+                }
+                let outcome = try await self.store.apply(items, through: through, checking: checkpoint)
+                return try await self.verifyAt(checkpoint, outcome: outcome)
             })
             if bootstrapping {
                 try await pipeline.drain()
@@ -463,7 +474,8 @@ public final class Subscriber: Service, Sendable {
                 client.received.add(chunk.readableBytes)
                 lines.append(chunk.readableBytesView)
                 while let line = lines.nextRange() {
-                    switch try WireFormat.parseStreamLine(lines.buffer, range: line) {
+                    // Hashed here, while the previous batch is written.
+                    switch try WireFormat.parseStreamLine(lines.buffer, range: line, hashingAfter: hashesAhead) {
                     case .heartbeat(let head):
                         try await store.noteSourceHead(head)
                         if scrubDue {
@@ -472,12 +484,7 @@ public final class Subscriber: Service, Sendable {
                         }
                     case .checkpoint(let checkpoint):
                         guard try await submit(checkpoint: checkpoint) else { return }
-                    case .item(var item):
-                        // Hashed here, while the previous batch is written.
-                        if hashesAhead, case .change(var change) = item, change.value != nil {
-                            change.after = Element(change, replacing: change.before)
-                            item = .change(change)
-                        }
+                    case .item(let item):
                         if case .gap(let expected, let received) = sequencer.receive(item) {
                             logger.warning(
                                 "gap in stream, refilling by pull",
@@ -525,8 +532,10 @@ public final class Subscriber: Service, Sendable {
 
     /// Compares a checkpoint once the replica is at its LSN; tells the pipeline to stop when the
     /// comparison moved the replica (a collection to copy again), so the session starts over.
-    func verifyAt(_ checkpoint: Checkpoint) async throws -> Bool {
-        try await verify(checkpoint)
+    func verifyAt(_ checkpoint: Checkpoint, outcome: CheckpointOutcome? = nil) async throws -> Bool {
+        try await verify(checkpoint, outcome: outcome)
+        // Verified means the replica is at the checkpoint and following: no need to read it back.
+        if outcome == .verified { return true }
         let state = try await store.state()
         return state?.position == checkpoint.lsn && state?.progress.phase == .following
     }

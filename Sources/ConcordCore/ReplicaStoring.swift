@@ -23,6 +23,10 @@ public protocol ReplicaStoring: Sendable {
     /// Applies the items of whole source transactions, ending at `through`, in one local
     /// transaction that also moves the position to `through`.
     func apply(_ items: [StreamItem], through: LSN) async throws
+    /// Applies like ``apply(_:through:)``, then compares `checkpoint` (at `through`) with the
+    /// digests as ``check(_:)`` does; a store may do both in one transaction.
+    func apply(_ items: [StreamItem], through: LSN, checking checkpoint: Checkpoint) async throws
+        -> CheckpointOutcome
     /// Merges a snapshot page by version and records the bootstrap cursor, in one transaction.
     func apply(_ page: SnapshotPage) async throws
     /// Ends the bootstrap once every page is in and the position passed the horizon.
@@ -64,6 +68,13 @@ public protocol ReplicaStoring: Sendable {
 }
 
 extension ReplicaStoring {
+    public func apply(_ items: [StreamItem], through: LSN, checking checkpoint: Checkpoint) async throws
+        -> CheckpointOutcome
+    {
+        try await apply(items, through: through)
+        return try await check(checkpoint)
+    }
+
     public func scanAll() async throws -> [String: ScannedCollection] { try await scanAll(progress: nil) }
     public func adopt(_ scanned: ScannedCollection) async throws { try await adopt(scanned, countingMismatch: false) }
 }

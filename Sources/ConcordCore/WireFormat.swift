@@ -91,7 +91,12 @@ public enum WireFormat {
     }
 
     /// Parses the line at `range` of `bytes` (no newline).
-    public static func parseStreamLine(_ bytes: [UInt8], range: Range<Int>) throws(ConcordError) -> StreamLine {
+    ///
+    /// `hashingAfter` also computes a change's ``Change/after`` element, for a reader that keeps
+    /// digests: done while the change is built, it is not copied again to be filled in.
+    public static func parseStreamLine(
+        _ bytes: [UInt8], range: Range<Int>, hashingAfter: Bool = false
+    ) throws(ConcordError) -> StreamLine {
         let scanner = JSONScanner(bytes)
         let object = try scanner.document(in: range)
         var lsn: LSN?
@@ -162,11 +167,11 @@ public enum WireFormat {
             if operation == .upsert, value == nil {
                 throw ConcordError(.protocolViolation, "upsert without a value")
             }
-            return .item(
-                .change(
-                    Change(
-                        lsn: lsn, collection: collection, key: key, operation: operation,
-                        value: operation == .upsert ? value : nil, isCommit: isCommit, before: before)))
+            var change = Change(
+                lsn: lsn, collection: collection, key: key, operation: operation,
+                value: operation == .upsert ? value : nil, isCommit: isCommit, before: before)
+            if hashingAfter { change.after = Element(change, replacing: before) }
+            return .item(.change(change))
         default:
             throw ConcordError(.protocolViolation, "unknown stream item \(op ?? "without op")")
         }

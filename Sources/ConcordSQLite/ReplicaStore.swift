@@ -198,8 +198,22 @@ public final class ReplicaStore: ReplicaStoring {
     ///
     /// - Throws: a `protocolViolation` if the items do not continue the replica's position.
     public func apply(_ items: [StreamItem], through: LSN) async throws {
+        _ = try await apply(items, through: through, judging: nil)
+    }
+
+    /// Applies, then judges `checkpoint` in the same transaction: one commit per checkpoint
+    /// interval instead of two.
+    public func apply(_ items: [StreamItem], through: LSN, checking checkpoint: Checkpoint) async throws
+        -> CheckpointOutcome
+    {
+        try await apply(items, through: through, judging: checkpoint) ?? .notJudged
+    }
+
+    private func apply(_ items: [StreamItem], through: LSN, judging checkpoint: Checkpoint?) async throws
+        -> CheckpointOutcome?
+    {
         do {
-            try await pool.write { db in
+            return try await pool.write { db in
                 guard let state = try Self.readState(db) else {
                     throw ConcordError(.storage, "replica is not initialized")
                 }
@@ -246,6 +260,7 @@ public final class ReplicaStore: ReplicaStoring {
                             source_head = max(source_head, ?), updated_at = ? WHERE id = 1
                         """,
                     arguments: [Int64(through), applied, Int64(through), Date().timeIntervalSince1970])
+                return try checkpoint.map { try Self.judge($0, in: db) }
             }
         } catch {
             sketches.invalidate()

@@ -196,27 +196,30 @@ extension ReplicaStore {
 
     /// Compares `checkpoint` with the replica's digests; records "verified at" on a match.
     public func check(_ checkpoint: Checkpoint) async throws -> CheckpointOutcome {
-        try await pool.write { db in
-            guard let state = try Self.readState(db), state.position == checkpoint.lsn,
-                state.progress.phase == .following, state.progress.applyMode(position: state.position) == .ordered
-            else { return .notJudged }
-            let followed = state.collections.map(Set.init)
-            var local: [String: CollectionDigest] = [:]
-            for name in try String.fetchAll(db, sql: "SELECT name FROM concord_collections") {
-                if let followed, !followed.contains(name) { continue }
-                guard let digest = try DigestTracker.storedDigest(of: name, in: db) else { return .notJudged }
-                local[name] = digest
-            }
-            let differing = checkpoint.differing(from: local, followed: followed)
-            if differing.isEmpty {
-                try db.execute(
-                    sql: "UPDATE concord_state SET verified_lsn = ?, verified_at = ? WHERE id = 1",
-                    arguments: [Int64(checkpoint.lsn), Date().timeIntervalSince1970])
-                return .verified
-            }
-            try db.execute(sql: "UPDATE concord_state SET mismatches = mismatches + 1 WHERE id = 1")
-            return .mismatch(collections: differing)
+        try await pool.write { db in try Self.judge(checkpoint, in: db) }
+    }
+
+    /// Compares `checkpoint` with the stored digests inside a write transaction.
+    static func judge(_ checkpoint: Checkpoint, in db: Database) throws -> CheckpointOutcome {
+        guard let state = try Self.readState(db), state.position == checkpoint.lsn,
+            state.progress.phase == .following, state.progress.applyMode(position: state.position) == .ordered
+        else { return .notJudged }
+        let followed = state.collections.map(Set.init)
+        var local: [String: CollectionDigest] = [:]
+        for name in try String.fetchAll(db, sql: "SELECT name FROM concord_collections") {
+            if let followed, !followed.contains(name) { continue }
+            guard let digest = try DigestTracker.storedDigest(of: name, in: db) else { return .notJudged }
+            local[name] = digest
         }
+        let differing = checkpoint.differing(from: local, followed: followed)
+        if differing.isEmpty {
+            try db.execute(
+                sql: "UPDATE concord_state SET verified_lsn = ?, verified_at = ? WHERE id = 1",
+                arguments: [Int64(checkpoint.lsn), Date().timeIntervalSince1970])
+            return .verified
+        }
+        try db.execute(sql: "UPDATE concord_state SET mismatches = mismatches + 1 WHERE id = 1")
+        return .mismatch(collections: differing)
     }
 
     /// Re-hashes every stored row and compares with the kept digests: returns the

@@ -41,6 +41,13 @@ struct Bench: AsyncParsableCommand {
             """)
     var replicaPostgres: String?
 
+    @Flag(
+        help: """
+            For bench stream: run both replicas without verification, to measure how far apart two \
+            identical setups land on this machine (the noise under the verification ratio).
+            """)
+    var control = false
+
     @Flag(help: "Keep the temporary folder (and the PostgreSQL benchmark's databases).")
     var keep = false
 
@@ -114,7 +121,8 @@ struct Bench: AsyncParsableCommand {
         let rounds = 5
         say(
             "stream: \(count) records of 200-byte values, then \(rounds) rounds of \(count) updates caught up and "
-                + "\(count) applied live, alternating between a replica with verification and one without")
+                + "\(count) applied live, alternating between a replica with verification and one without"
+                + (control ? " (control run: neither replica verifies)" : ""))
         let verifiedStore = try Self.source(in: folder, named: "stream-source")
         let plainStore = try Self.source(in: folder, named: "stream-source-plain")
         try await Self.load(verifiedStore, count: count, size: 200, revision: 0)
@@ -126,7 +134,8 @@ struct Bench: AsyncParsableCommand {
                 store: plainStore, configuration: Self.server, logger: logger
             ) { plainURL in
                 let verified = try FollowProcess(
-                    source: verifiedURL, db: folder.appendingPathComponent("stream-replica.sqlite").path)
+                    source: verifiedURL, db: folder.appendingPathComponent("stream-replica.sqlite").path,
+                    arguments: control ? ["--no-verification"] : [])
                 defer { verified.stop() }
                 let plain = try FollowProcess(
                     source: plainURL, db: folder.appendingPathComponent("stream-replica-plain.sqlite").path,
@@ -135,7 +144,7 @@ struct Bench: AsyncParsableCommand {
                 // With verification, the digests are built (one scan) and verified before the clock starts.
                 try await verified.waitUntil(timeout: .seconds(300)) {
                     $0.progress.phase == .following && $0.position >= verifiedStore.head
-                        && $0.verifiedLSN >= verifiedStore.head
+                        && (control || $0.verifiedLSN >= verifiedStore.head)
                 }
                 try await plain.waitUntil(timeout: .seconds(300)) {
                     $0.progress.phase == .following && $0.position >= plainStore.head

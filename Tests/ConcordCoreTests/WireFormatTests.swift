@@ -28,6 +28,14 @@ import Testing
         var writer = JSONWriter()
         WireFormat.appendHeartbeat(head: 42, to: &writer)
         #expect(try WireFormat.parseStreamLine(Array(writer.bytes.dropLast())) == .heartbeat(head: 42))
+        // A reader that keeps digests gets each change's element computed as the line is parsed.
+        for item in items {
+            let bytes = line(item)
+            let parsed = try WireFormat.parseStreamLine(bytes, range: 0..<bytes.count, hashingAfter: true)
+            guard case .item(.change(let change)) = parsed, case .change(let sent) = item else { continue }
+            #expect(change.after == Element(sent))
+            #expect(change.after != nil || sent.value == nil)
+        }
     }
 
     @Test func refusesStreamLinesThatBreakTheProtocol() {
