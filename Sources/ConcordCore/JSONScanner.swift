@@ -388,6 +388,22 @@ public struct JSONScanner {
         throw Self.error("unterminated string", at: start)
     }
 
+    /// The high bit of each byte of `word` that is a quote, a backslash or below 0x20 (others
+    /// may be set spuriously only where one of those comes first, so zero means none).
+    @inline(__always)
+    static func quoteBackslashOrControl(in word: UInt64) -> UInt64 {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let highs: UInt64 = 0x8080_8080_8080_8080
+        // A byte of `x` is zero exactly when (x - 1) & ~x has its high bit set.
+        let quote = word ^ (ones &* 0x22)
+        let backslash = word ^ (ones &* 0x5C)
+        let hasQuote = (quote &- ones) & ~quote & highs
+        let hasBackslash = (backslash &- ones) & ~backslash & highs
+        // Bytes below 0x20: subtracting 0x20 borrows into the high bit (only for ASCII bytes).
+        let hasControl = (word &- ones &* 0x20) & ~word & highs
+        return hasQuote | hasBackslash | hasControl
+    }
+
     /// The index of the first byte at or after `start` that needs attention inside a string:
     /// a quote, a backslash, a control character or a non-ASCII byte.
     ///
@@ -398,19 +414,10 @@ public struct JSONScanner {
         bytes.withUnsafeBufferPointer { buffer in
             guard let base = buffer.baseAddress else { return start }
             var position = start
-            let ones: UInt64 = 0x0101_0101_0101_0101
             let highs: UInt64 = 0x8080_8080_8080_8080
             while position + 8 <= buffer.count {
                 let word = UnsafeRawPointer(base + position).loadUnaligned(as: UInt64.self)
-                // A byte of `x` is zero exactly when (x - 1) & ~x has its high bit set.
-                let quote = word ^ (ones &* 0x22)
-                let backslash = word ^ (ones &* 0x5C)
-                let hasQuote = (quote &- ones) & ~quote & highs
-                let hasBackslash = (backslash &- ones) & ~backslash & highs
-                // Bytes below 0x20: subtracting 0x20 borrows into the high bit (only for ASCII bytes).
-                let hasControl = (word &- ones &* 0x20) & ~word & highs
-                let hasHigh = word & highs
-                if hasQuote | hasBackslash | hasControl | hasHigh != 0 { break }
+                if Self.quoteBackslashOrControl(in: word) | (word & highs) != 0 { break }
                 position += 8
             }
             while position < buffer.count {
@@ -463,7 +470,8 @@ public struct JSONWriter {
 
     @inline(__always)
     public mutating func raw(_ text: String) {
-        bytes.append(contentsOf: text.utf8)
+        var text = text
+        text.withUTF8 { bytes.append(contentsOf: $0) }
     }
 
     public mutating func number(_ value: UInt64) {
@@ -493,21 +501,51 @@ public struct JSONWriter {
     /// Writes `text` as a JSON string literal, escaping what RFC 8259 requires.
     public mutating func string(_ text: String) {
         bytes.append(0x22)
-        for byte in text.utf8 {
-            switch byte {
-            case 0x22: bytes.append(0x5C); bytes.append(0x22)
-            case 0x5C: bytes.append(0x5C); bytes.append(0x5C)
-            case 0x0A: bytes.append(0x5C); bytes.append(UInt8(ascii: "n"))
-            case 0x0D: bytes.append(0x5C); bytes.append(UInt8(ascii: "r"))
-            case 0x09: bytes.append(0x5C); bytes.append(UInt8(ascii: "t"))
-            case 0x00..<0x20:
-                let hex: [UInt8] = Array("0123456789abcdef".utf8)
-                bytes.append(contentsOf: [
-                    0x5C, UInt8(ascii: "u"), 0x30, 0x30, hex[Int(byte >> 4)], hex[Int(byte & 0xF)],
-                ])
-            default: bytes.append(byte)
+        var text = text
+        text.withUTF8 { utf8 in
+            // Runs that need no escape (nearly all text) are copied whole.
+            var start = 0
+            while start < utf8.count {
+                let end = Self.endOfUnescapedRun(utf8, from: start)
+                if end > start { bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[start..<end])) }
+                guard end < utf8.count else { break }
+                escape(utf8[end])
+                start = end + 1
             }
         }
         bytes.append(0x22)
+    }
+
+    /// The index of the first byte at or after `start` that a JSON string must escape.
+    static func endOfUnescapedRun(_ utf8: UnsafeBufferPointer<UInt8>, from start: Int) -> Int {
+        guard let base = utf8.baseAddress else { return start }
+        var position = start
+        while position + 8 <= utf8.count {
+            let word = UnsafeRawPointer(base + position).loadUnaligned(as: UInt64.self)
+            if JSONScanner.quoteBackslashOrControl(in: word) != 0 { break }
+            position += 8
+        }
+        while position < utf8.count {
+            let byte = utf8[position]
+            if byte == 0x22 || byte == 0x5C || byte < 0x20 { break }
+            position += 1
+        }
+        return position
+    }
+
+    private mutating func escape(_ byte: UInt8) {
+        switch byte {
+        case 0x22: bytes.append(0x5C); bytes.append(0x22)
+        case 0x5C: bytes.append(0x5C); bytes.append(0x5C)
+        case 0x0A: bytes.append(0x5C); bytes.append(UInt8(ascii: "n"))
+        case 0x0D: bytes.append(0x5C); bytes.append(UInt8(ascii: "r"))
+        case 0x09: bytes.append(0x5C); bytes.append(UInt8(ascii: "t"))
+        case 0x00..<0x20:
+            let hex: [UInt8] = Array("0123456789abcdef".utf8)
+            bytes.append(contentsOf: [
+                0x5C, UInt8(ascii: "u"), 0x30, 0x30, hex[Int(byte >> 4)], hex[Int(byte & 0xF)],
+            ])
+        default: bytes.append(byte)
+        }
     }
 }

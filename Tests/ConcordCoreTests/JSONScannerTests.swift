@@ -56,6 +56,26 @@ import Testing
         #expect(try scanner.decodeString(try scanner.document()) == "q\"b\\n\n\t\u{01}é")
     }
 
+    @Test func writerEscapesEveryByteAtEveryPositionOfLongRuns() throws {
+        // Runs are copied eight bytes at a time: each special byte is tried at each offset of a word.
+        let specials: [String] = (0..<0x20).map { String(UnicodeScalar(UInt8($0))) } + ["\"", "\\", "é", "€", "😀"]
+        for special in specials {
+            for offset in 0..<20 {
+                let text = String(repeating: "a", count: offset) + special + String(repeating: "b", count: 19 - offset)
+                var writer = JSONWriter()
+                writer.string(text)
+                let scanner = JSONScanner(writer.bytes)
+                #expect(try scanner.decodeString(try scanner.document()) == text)
+                let escapedControl = writer.bytes.dropFirst().dropLast().contains { $0 < 0x20 }
+                #expect(!escapedControl, "a control byte went out unescaped")
+            }
+        }
+        var writer = JSONWriter()
+        writer.raw("plain ")
+        writer.raw(String(repeating: "x", count: 40))
+        #expect(String(decoding: writer.bytes, as: UTF8.self) == "plain " + String(repeating: "x", count: 40))
+    }
+
     @Test func writerPrintsNumbers() {
         for value: UInt64 in [0, 7, 10, 12345, UInt64.max] {
             var writer = JSONWriter()
