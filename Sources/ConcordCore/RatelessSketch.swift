@@ -114,6 +114,7 @@ public struct RatelessSketch: Sendable {
     }
 
     public mutating func add(_ element: Element) { apply(SketchItem(element), direction: 1) }
+    public mutating func remove(_ element: Element) { apply(SketchItem(element), direction: -1) }
 
     /// Replaces `before` (if any) by `after` (if any).
     public mutating func apply(before: Element?, after: Element?) {
@@ -124,7 +125,6 @@ public struct RatelessSketch: Sendable {
         case (nil, nil): break
         }
     }
-    public mutating func remove(_ element: Element) { apply(SketchItem(element), direction: -1) }
 
     /// Removes `old` and adds `new` in one pass: the two index chains are independent, so
     /// the processor overlaps their arithmetic. This is what a change costs.
