@@ -63,6 +63,7 @@ struct AccessTests {
             db: folder.appendingPathComponent("source.sqlite").path, extra: ["--tokens-file", tokensFile])
         let base = "http://127.0.0.1:\(port)"
         let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         var writing = SourceClient.Configuration()
         writing.token = Self.writer
         let head = try await SourceClient(baseURL: base, http: http, configuration: writing).write([
@@ -187,7 +188,6 @@ struct AccessTests {
         #expect(ok == 0)
         let (refused, message) = try PostgresCaptureTests.run(["status", "--source", base])
         #expect(refused == 1 && message.contains("bearer token"), "\(message)")
-        try await http.shutdown()
         #expect(server.terminate() == 0)
     }
 

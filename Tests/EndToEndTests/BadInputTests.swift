@@ -73,6 +73,7 @@ struct BadInputTests {
         var configuration = PublisherServer.Configuration.testing
         configuration.maxBodyBytes = 4096
         let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         try await PublisherServer.withRunningServer(store: source, configuration: configuration, logger: Harness.logger)
         { url in
             for test in Self.cases {
@@ -89,7 +90,6 @@ struct BadInputTests {
                 #expect(response.headers.first(name: "content-type") == "application/json")
             }
         }
-        try await http.shutdown()
         #expect(source.head == 20)
         #expect(try await source.items(after: 0, limit: 1000) == before)
     }
@@ -100,11 +100,12 @@ struct BadInputTests {
         try await source.write([.upsert("items", "k", json: "1")])
         try await source.write([.upsert("items", "k", json: "2")])
         let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         try await PublisherServer.withRunningServer(store: source, configuration: .testing, logger: Harness.logger) {
             url in
             for (query, expected) in [("", false), ("&before=true", true)] {
                 let response = try await http.execute(
-                    HTTPClientRequest(url: url + "/v1/changes?after=1" + query), timeout: .seconds(5))
+                    HTTPClientRequest(url: url + "/v1/changes?after=1" + query), timeout: .seconds(30))
                 let body = Array(buffer: try await response.body.collect(upTo: 1 << 20))
                 let line = try WireFormat.parseStreamLine(Array(body.dropLast()))
                 guard case .item(.change(let change)) = line else {
@@ -115,6 +116,5 @@ struct BadInputTests {
                 #expect(change.before == (expected ? replaced : nil), "query \(query)")
             }
         }
-        try await http.shutdown()
     }
 }

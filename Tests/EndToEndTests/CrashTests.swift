@@ -4,6 +4,7 @@ import ConcordCore
 import ConcordSQLite
 import ConcordServer
 import Foundation
+import NIOCore
 import Synchronization
 import Testing
 
@@ -78,6 +79,7 @@ struct CrashTests {
         var (publisher, port) = try await ConcordProcess.serve(db: sourcePath)
         let url = "http://127.0.0.1:\(port)"
         let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         let client = SourceClient(baseURL: url, http: http)
         let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
         let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http)
@@ -122,6 +124,5 @@ struct CrashTests {
         var iterator = stream.body.makeAsyncIterator()
         _ = try await iterator.next()
         #expect(publisher.terminate() == 0)
-        try await http.shutdown()
     }
 }

@@ -48,6 +48,7 @@ struct OperationsTests {
         let (server, port) = try await ConcordProcess.serve(db: folder.appendingPathComponent("source.sqlite").path)
         let base = "http://127.0.0.1:\(port)"
         let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         let source = SourceClient(baseURL: base, http: http)
         for batch in 0..<20 {
             try await source.write(
@@ -146,7 +147,6 @@ struct OperationsTests {
         }
         #expect(billing.terminate() == 0)
         #expect(server.terminate() == 0)
-        try await http.shutdown()
     }
 
     @Test func tlsServesHTTPSAndTheClientTrustsAPrivateCA() async throws {
@@ -283,6 +283,7 @@ struct OperationsTests {
         var (server, port) = try await ConcordProcess.serve(db: db, extra: ["--log-format", "json"], log: log)
         let base = "http://127.0.0.1:\(port)"
         let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         let replicaPath = folder.appendingPathComponent("replica.sqlite").path
         let follower = try ConcordProcess(["follow", "--source", base, "--db", replicaPath, "--quiet"])
         // Multi-change transactions go on while the publisher is stopped and started again.
@@ -318,7 +319,6 @@ struct OperationsTests {
         #expect(try await Harness.differences(source: source, replica: replica).isEmpty)
         #expect(follower.terminate() == 0)
         #expect(server.terminate() == 0)
-        try await http.shutdown()
         // `--log-format json`: every line a JSON object with level, label and message.
         let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n")
         #expect(lines.count >= 2)

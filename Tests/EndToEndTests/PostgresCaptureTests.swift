@@ -2,6 +2,7 @@ import ConcordClient
 import ConcordCore
 import ConcordSQLite
 import Foundation
+import NIOCore
 import Synchronization
 import Testing
 
@@ -140,6 +141,7 @@ import Testing
             (toasted?.value.utf8.count ?? 0) > 25_000, "the out-of-line note survived two updates that left it alone")
         // Writes over HTTP are refused: the database owns the records.
         let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         do {
             try await SourceClient(baseURL: "http://127.0.0.1:\(port)", http: http).write([
                 .upsert("customers", "9", json: "{}")
@@ -148,7 +150,6 @@ import Testing
         } catch let error as ConcordError {
             #expect(error.code == .writesRefused)
         }
-        try await http.shutdown()
         #expect(server.terminate() == 0)
         await sql.close()
     }

@@ -4,6 +4,7 @@ import ConcordCore
 import ConcordSQLite
 import ConcordServer
 import Foundation
+import NIOCore
 import Testing
 
 @Suite(.serialized, .timeLimit(.minutes(5)))
@@ -18,6 +19,7 @@ struct ReplicationTests {
             url in
             let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
             let http = SourceClient.makeHTTPClient()
+            defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
             let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http, pageSize: 100)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await subscriber.run() }
@@ -36,7 +38,6 @@ struct ReplicationTests {
                 }
                 group.cancelAll()
             }
-            try await http.shutdown()
             #expect(try await Harness.differences(source: source, replica: replica) == [])
         }
     }
@@ -50,6 +51,7 @@ struct ReplicationTests {
         { url in
             let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
             let http = SourceClient.makeHTTPClient()
+            defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
             let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await subscriber.run() }
@@ -65,7 +67,6 @@ struct ReplicationTests {
                 }
                 group.cancelAll()
             }
-            try await http.shutdown()
             #expect(try await Harness.differences(source: source, replica: replica) == [])
         }
     }
@@ -78,6 +79,7 @@ struct ReplicationTests {
             url in
             let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
             let http = SourceClient.makeHTTPClient()
+            defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
             let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http, collections: ["customers"])
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await subscriber.run() }
@@ -95,7 +97,6 @@ struct ReplicationTests {
                 }
                 group.cancelAll()
             }
-            try await http.shutdown()
             #expect(try replica.collections() == ["customers"])
             #expect(try await Harness.differences(source: source, replica: replica, collections: ["customers"]) == [])
         }
@@ -108,6 +109,7 @@ struct ReplicationTests {
         try await first.write([.upsert("c", "1", json: "1")])
         let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
         let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         try await PublisherServer.withRunningServer(store: first, configuration: .testing, logger: Harness.logger) {
             url in
             let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http)
@@ -127,7 +129,6 @@ struct ReplicationTests {
                 try await subscriber.run()
             } throws: { ($0 as? ConcordError)?.code == .feedMismatch }
         }
-        try await http.shutdown()
         #expect(try replica.records(of: "c").count == 1)
     }
 }

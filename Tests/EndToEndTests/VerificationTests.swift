@@ -5,6 +5,7 @@ import ConcordSQLite
 import ConcordServer
 import Foundation
 import GRDB
+import NIOCore
 import Synchronization
 import Testing
 
@@ -127,6 +128,7 @@ struct VerificationTests {
             }
             try Self.editBehindTheBack(replicaPath, Self.nineEdits)
             let http = SourceClient.makeHTTPClient()
+            defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
             let reconciler = Reconciler(client: SourceClient(baseURL: url, http: http), logger: Harness.logger)
             let position = try #require(try replica.state()).position
             let scanned = try #require(try await replica.scanAll()["items"])
@@ -142,7 +144,6 @@ struct VerificationTests {
             let repaired = try await reconciler.reconcile(
                 "items", at: position, local: local, store: replica, repair: true)
             #expect(repaired.repaired)
-            try await http.shutdown()
             #expect(try await Harness.differences(source: source, replica: replica).isEmpty)
             // The CLI says the same, by exit status.
             let verify = try ConcordProcess(["verify", "--source", url, "--db", replicaPath])
@@ -251,10 +252,10 @@ struct VerificationTests {
             try await source.pruneLog()
             let local = try await replica.sketch(of: "items")
             let http = SourceClient.makeHTTPClient()
+            defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
             let reconciler = Reconciler(client: SourceClient(baseURL: url, http: http), logger: Harness.logger)
             let report = try await reconciler.reconcile(
                 "items", at: source.head, local: local, store: replica, repair: true)
-            try await http.shutdown()
             #expect(report.symbols > ReplicaStore.sketchCapacity && !report.tooLarge)
             #expect(report.stale.count == 2000 && report.missing.isEmpty && report.extra.isEmpty)
             try await replica.jump(to: source.head)
