@@ -212,7 +212,14 @@ final class DemoScenario {
             (
                 0.40,
                 {
-                    await analytics.stop(as: "stopped"); self.event("fault: analytics stopped")
+                    // Stopped once it follows: a replica still bootstrapping that falls behind the
+                    // log copies again, which is another story than recovering by reconciliation.
+                    let deadline = ContinuousClock.now + .seconds(30)
+                    while try analytics.store.state()?.progress.phase != .following, ContinuousClock.now < deadline {
+                        try await Task.sleep(for: .milliseconds(20))
+                    }
+                    await analytics.stop(as: "stopped")
+                    self.event("fault: analytics stopped")
                 }
             ),
             (
@@ -264,6 +271,12 @@ final class DemoScenario {
 
     /// Drops the log's old changes so the stopped replica's position is no longer in it.
     func pruneLog(behind replica: DemoReplica) async throws {
+        // The stopped replica must end up behind the retained window. On a starved machine the
+        // schedule's steps can fire together, with too few writes between its stop and here.
+        let stoppedAt = try replica.store.state()?.position ?? 0
+        while source.head <= stoppedAt + settings.retainedChanges {
+            try await source.write(workload.nextTransaction())
+        }
         let dropped = try await source.pruneLog()
         let oldest = try await source.feedInfo().oldest
         let position = try replica.store.state()?.position ?? 0
