@@ -45,8 +45,7 @@ public struct Element: Sendable, Hashable, Comparable, CustomStringConvertible {
 
     /// The element of the record a change writes; `nil` for a delete.
     public init?(_ change: Change) {
-        guard let value = change.value else { return nil }
-        self.init(collection: change.collection, key: change.key, version: change.lsn, value: value)
+        self.init(change, replacing: nil)
     }
 
     /// The element of the record a change writes, taking `keyHash64` from the element it

@@ -29,7 +29,7 @@ struct Serve: AsyncParsableCommand {
     var durability: String = "full"
 
     @Option(help: "Largest request body in bytes.")
-    var maxBodyBytes = 16 << 20
+    var maxBodyBytes = Serve.serverDefaults.maxBodyBytes
 
     @Option(help: "Record a checkpoint (every collection's digest) every N changes.")
     var checkpointEvery: UInt64 = 1000
@@ -89,36 +89,41 @@ struct Serve: AsyncParsableCommand {
     var tlsKey: String?
 
     @Option(help: "Longest key accepted in a write, in bytes.")
-    var maxKeyBytes = 1024
+    var maxKeyBytes = Serve.limitDefaults.maxKeyBytes
 
     @Option(help: "Largest value accepted in a write, in bytes.")
-    var maxValueBytes = 1 << 20
+    var maxValueBytes = Serve.limitDefaults.maxValueBytes
 
     @Option(help: "Most changes in one write.")
-    var maxBatchChanges = 10_000
+    var maxBatchChanges = Serve.limitDefaults.maxBatchChanges
 
     @Option(help: "Deepest nesting of JSON accepted in a value.")
-    var maxJsonDepth = 64
+    var maxJsonDepth = Serve.limitDefaults.maxDepth
 
     @Option(help: "Largest snapshot page (and pull) a client may ask for.")
-    var maxPageSize = 10_000
+    var maxPageSize = Serve.serverDefaults.maxPageLimit
 
     @Option(help: "Longest long-poll wait a client may ask for, in seconds.")
-    var maxWaitSeconds = 60
+    var maxWaitSeconds = Serve.seconds(Serve.serverDefaults.maxWait)
 
     @Option(help: "Change streams one token may hold open at once (without tokens only --max-streams applies).")
-    var maxStreamsPerToken = 16
+    var maxStreamsPerToken = Serve.serverDefaults.maxStreamsPerToken
 
     @Option(help: "Change streams open at once in all.")
-    var maxStreams = 512
+    var maxStreams = Serve.serverDefaults.maxStreams
 
     @Option(help: "Disconnect a client that reads nothing for this many seconds while data waits for it.")
-    var stalledClientSeconds = 30
+    var stalledClientSeconds = Serve.seconds(Serve.serverDefaults.stalledClientTimeout)
 
     @Option(help: "A request body must arrive within this many seconds (else 408).")
-    var requestBodySeconds = 30
+    var requestBodySeconds = Serve.seconds(Serve.serverDefaults.requestBodyTimeout)
 
     @OptionGroup var global: GlobalOptions
+
+    /// The flags' defaults are the configurations' own, so the two cannot drift apart.
+    static let serverDefaults = PublisherServer.Configuration()
+    static let limitDefaults = WireFormat.Limits()
+    static func seconds(_ duration: Duration) -> Int { Int(duration.components.seconds) }
 
     func validate() throws {
         if tokensFile != nil, tokens != nil { throw ValidationError("give --tokens-file or --tokens, not both") }

@@ -31,6 +31,18 @@ enum Harness {
         return root.appendingPathComponent(".build/debug/concord").path
     }
 
+    /// Runs `executable` with its output discarded; returns its exit status.
+    static func runQuietly(_ executable: String, _ arguments: [String]) throws -> Int32 {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
     static func waitUntil(
         _ what: String, timeout: Duration = .seconds(60), _ condition: () async throws -> Bool
     ) async throws {

@@ -398,14 +398,7 @@ struct TestPKI {
             ],
         ]
         for step in steps {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-            process.arguments = step
-            process.standardOutput = FileHandle.nullDevice
-            process.standardError = FileHandle.nullDevice
-            try process.run()
-            process.waitUntilExit()
-            guard process.terminationStatus == 0 else {
+            guard try Harness.runQuietly("/usr/bin/openssl", step) == 0 else {
                 throw ConcordError(.internal, "openssl \(step.first!) failed")
             }
         }

@@ -42,15 +42,10 @@ enum PostgresHarness {
     static func script(_ command: String, _ folder: String) throws -> String {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent()
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/bin/bash")
-        process.arguments = [root.appendingPathComponent("scripts/postgres.sh").path, command, folder]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw ConcordError(.internal, "scripts/postgres.sh \(command) failed (\(process.terminationStatus))")
+        let status = try Harness.runQuietly(
+            "/bin/bash", [root.appendingPathComponent("scripts/postgres.sh").path, command, folder])
+        guard status == 0 else {
+            throw ConcordError(.internal, "scripts/postgres.sh \(command) failed (\(status))")
         }
         let url = (try? String(contentsOfFile: folder + "/url", encoding: .utf8)) ?? ""
         return url.trimmingCharacters(in: .whitespacesAndNewlines)
