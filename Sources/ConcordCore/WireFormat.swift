@@ -41,6 +41,24 @@ public enum WireFormat {
         writer.raw(item.isCommit ? ",\"commit\":true}\n" : ",\"commit\":false}\n")
     }
 
+    /// About how many bytes `append` writes for `items`: a writer sized by it grows at most
+    /// once, where a guess per item would copy a stream batch again (and fault in fresh pages)
+    /// whenever values are longer or `before` elements come along.
+    public static func encodedSize(of items: [StreamItem], includeBefore: Bool) -> Int {
+        var size = 0
+        for item in items {
+            switch item {
+            case .change(let change):
+                size += 80 + change.collection.utf8.count + change.key.utf8.count + (change.value?.utf8.count ?? 0)
+                if includeBefore, change.before != nil { size += 76 }
+            case .skip:
+                size += 64
+            }
+        }
+        // Escapes and the checkpoint lines between the items.
+        return size + size / 16 + 256
+    }
+
     /// `"collection":…,"key":…,"op":"upsert","value":…` (or `"op":"delete"`): the members a
     /// change line and a write request share.
     static func appendOperation(collection: String, key: String, value: String?, to writer: inout JSONWriter) {
@@ -110,25 +128,13 @@ public enum WireFormat {
         var before: Element?
         var digests: [String: CollectionDigest]?
         try scanner.forEachMember(of: object) { (name, member) throws(ConcordError) in
+            // In the order a change line has them: each name is compared with the cases in turn.
             switch name {
-            case "digests":
-                var parsed: [String: CollectionDigest] = [:]
-                try scanner.forEachMember(of: member) { (collection, text) throws(ConcordError) in
-                    let description = try scanner.decodeString(text)
-                    guard let digest = CollectionDigest(description: description) else {
-                        throw ConcordError(.protocolViolation, "digest must be <count>:<64 hex>")
-                    }
-                    parsed[collection] = digest
-                }
-                digests = parsed
             case "lsn": lsn = try scanner.decodeUInt64(member)
-            case "from": from = try scanner.decodeUInt64(member)
-            case "head": head = try scanner.decodeUInt64(member)
             case "collection": collection = try scanner.decodeString(member)
             case "key": key = try scanner.decodeString(member)
             case "op": op = try scanner.decodeString(member)
             case "value": value = String(decoding: scanner.bytes[member.range], as: UTF8.self)
-            case "commit": isCommit = try scanner.decodeBool(member)
             case "before":
                 // 64 hex digits between the quotes: no escapes to decode.
                 let range = member.range
@@ -142,6 +148,19 @@ public enum WireFormat {
                     throw ConcordError(.protocolViolation, "\"before\" must be 64 hex digits")
                 }
                 before = Element(words: words)
+            case "commit": isCommit = try scanner.decodeBool(member)
+            case "from": from = try scanner.decodeUInt64(member)
+            case "head": head = try scanner.decodeUInt64(member)
+            case "digests":
+                var parsed: [String: CollectionDigest] = [:]
+                try scanner.forEachMember(of: member) { (collection, text) throws(ConcordError) in
+                    let description = try scanner.decodeString(text)
+                    guard let digest = CollectionDigest(description: description) else {
+                        throw ConcordError(.protocolViolation, "digest must be <count>:<64 hex>")
+                    }
+                    parsed[collection] = digest
+                }
+                digests = parsed
             default: break  // unknown members are for newer readers
             }
         }

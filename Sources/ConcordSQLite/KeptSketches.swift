@@ -2,14 +2,18 @@ import ConcordCore
 import Synchronization
 
 /// A replica's in-memory sketches, kept off the apply path: an apply transaction only queues
-/// its element changes, and a background task folds them in on the other core. A reader
+/// its element changes, and the idle thread folds them in when a core is free. A reader
 /// drains the queue first, so it always sees the sketches of the committed rows.
 package final class KeptSketches: Sendable {
-    /// Changes queued before a background drain is started.
-    static let drainThreshold = 8192
+    /// Queued changes beyond which the transaction that queues them folds them itself: memory
+    /// stays bounded (about 100 bytes a change) even when no core is ever free.
+    static let maxQueued = 131_072
 
     private struct Pending {
-        var changes: [PublisherStore.ElementChange] = []
+        /// Each transaction's changes, oldest first: the idle thread folds one at a time, so
+        /// a reader that drains waits for one transaction's fold at most.
+        var batches: [[PublisherStore.ElementChange]] = []
+        var count = 0
         var scheduled = false
     }
 
@@ -22,30 +26,50 @@ package final class KeptSketches: Sendable {
     /// Queues the element changes of a committed transaction (dropped while no sketches are built).
     package func queue(_ changes: [PublisherStore.ElementChange]) {
         guard !changes.isEmpty else { return }
-        let schedule = pending.withLock { pending in
-            pending.changes.append(contentsOf: changes)
-            guard pending.changes.count >= Self.drainThreshold, !pending.scheduled else { return false }
+        let (schedule, full) = pending.withLock { pending in
+            pending.batches.append(changes)
+            pending.count += changes.count
+            let full = pending.count >= Self.maxQueued
+            guard !pending.scheduled else { return (false, full) }
             pending.scheduled = true
-            return true
+            return (true, full)
         }
-        if schedule { Task.detached(priority: .utility) { self.drain() } }
+        if full { drain() }
+        if schedule { IdleThread.shared.submit { self.foldQueued() } }
+    }
+
+    /// Folds queued transactions one by one until none is left (on the idle thread).
+    private func foldQueued() {
+        while sets.withLock({ set in
+            let batch = pending.withLock { pending -> [PublisherStore.ElementChange]? in
+                guard !pending.batches.isEmpty else {
+                    pending.scheduled = false
+                    return nil
+                }
+                pending.count -= pending.batches[0].count
+                return pending.batches.removeFirst()
+            }
+            guard let batch else { return false }
+            set?.apply(batch)
+            return true
+        }) {}
     }
 
     /// Applies every queued change.
     package func drain() {
         sets.withLock { set in
-            let changes = pending.withLock { pending in
-                pending.scheduled = false
-                return pending.changes.isEmpty ? [] : Self.take(&pending.changes)
+            let batches = pending.withLock { pending in
+                pending.count = 0
+                return Self.take(&pending.batches)
             }
             guard set != nil else { return }
-            set!.apply(changes)
+            for batch in batches { set!.apply(batch) }
         }
     }
 
-    private static func take(_ changes: inout [PublisherStore.ElementChange]) -> [PublisherStore.ElementChange] {
-        var taken: [PublisherStore.ElementChange] = []
-        swap(&taken, &changes)
+    private static func take<T>(_ items: inout [T]) -> [T] {
+        var taken: [T] = []
+        swap(&taken, &items)
         return taken
     }
 
@@ -53,7 +77,10 @@ package final class KeptSketches: Sendable {
     package func install(_ set: SketchSet?) {
         sets.withLock { current in
             current = set
-            pending.withLock { $0.changes.removeAll() }
+            pending.withLock { pending in
+                pending.batches.removeAll()
+                pending.count = 0
+            }
         }
     }
 
@@ -67,6 +94,9 @@ package final class KeptSketches: Sendable {
     }
 
     package var isBuilt: Bool { sets.withLock { $0 != nil } }
+
+    /// Changes queued and not folded in yet.
+    package var queuedCount: Int { pending.withLock { $0.count } }
 
     /// The kept sketch of `collection`, up to date with every committed transaction.
     package func sketch(of collection: String) -> RatelessSketch? {

@@ -10,6 +10,30 @@ import Testing
         return Array(writer.bytes.dropLast())
     }
 
+    /// A stream batch's writer is sized once: the estimate covers what is written, with and
+    /// without `before`, and is not far above it.
+    @Test func encodedSizeCoversABatch() {
+        var items: [StreamItem] = []
+        for index in 0..<500 {
+            let value = #"{"n":\#(index),"text":""# + String(repeating: "x", count: index % 300) + #""}"#
+            items.append(
+                .change(
+                    Change(
+                        lsn: LSN(1_000_000_000 + index), collection: "orders", key: "order-\(index)",
+                        operation: index % 7 == 0 ? .delete : .upsert, value: index % 7 == 0 ? nil : value,
+                        isCommit: index % 3 == 0,
+                        before: Element(collection: "orders", key: "order-\(index)", version: 1, value: "{}"))))
+            if index % 50 == 0 { items.append(.skip(from: 1, through: LSN(index + 1), isCommit: true)) }
+        }
+        for includeBefore in [false, true] {
+            var writer = JSONWriter()
+            for item in items { WireFormat.append(item, to: &writer, includeBefore: includeBefore) }
+            let estimate = WireFormat.encodedSize(of: items, includeBefore: includeBefore)
+            #expect(estimate >= writer.bytes.count)
+            #expect(estimate < writer.bytes.count * 5 / 4)
+        }
+    }
+
     @Test func streamItemsRoundTrip() throws {
         let items: [StreamItem] = [
             .change(

@@ -237,4 +237,42 @@ func temporaryFile(_ name: String) -> String {
             #expect(batched.sketch(of: collection).symbols == single.sketch(of: collection).symbols)
         }
     }
+
+    /// Queued transactions are folded in by the idle thread with no reader asking, and a reader
+    /// then sees the same sketch as one built change by change.
+    @Test func queuedChangesAreFoldedInWithoutAReader() async throws {
+        let kept = KeptSketches()
+        kept.install(SketchSet(capacity: 128))
+        var expected = RatelessSketch(capacity: 128)
+        for transaction in 0..<50 {
+            var changes: [PublisherStore.ElementChange] = []
+            for index in 0..<20 {
+                let before =
+                    transaction == 0
+                    ? nil : Element(collection: "a", key: "k\(index)", version: UInt64(transaction), value: "v")
+                let after = Element(collection: "a", key: "k\(index)", version: UInt64(transaction + 1), value: "v")
+                changes.append(.init(collection: "a", before: before, after: after))
+                expected.apply(before: before, after: after)
+            }
+            kept.queue(changes)
+        }
+        let deadline = ContinuousClock.now + .seconds(30)
+        while kept.queuedCount > 0, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(kept.queuedCount == 0)
+        #expect(kept.sketch(of: "a")?.symbols == expected.symbols)
+    }
+
+    /// Past the bound, the transaction that queues folds everything itself: the queue never
+    /// holds more than the bound, whether or not the idle thread gets a core.
+    @Test func theQueueStaysWithinItsBound() {
+        let kept = KeptSketches()
+        kept.install(SketchSet(capacity: 16))
+        let change = PublisherStore.ElementChange(
+            collection: "a", before: nil, after: Element(collection: "a", key: "k", version: 1, value: "v"))
+        let batch = Array(repeating: change, count: 4096)
+        for _ in 0..<(KeptSketches.maxQueued / batch.count + 2) {
+            kept.queue(batch)
+            #expect(kept.queuedCount < KeptSketches.maxQueued)
+        }
+    }
 }
