@@ -185,3 +185,40 @@ public enum PostgresDecoding {
         return result
     }
 }
+
+/// Rows in the text format of PostgreSQL's `COPY ... FROM STDIN`: columns separated by a
+/// tab, rows ended by a newline, and a backslash, tab, newline or carriage return inside a
+/// value written as its backslash escape.
+public enum PostgresCopyText {
+    /// Appends one row of `columns` to `bytes`.
+    public static func appendRow(_ columns: [String], to bytes: inout [UInt8]) {
+        for (index, column) in columns.enumerated() {
+            if index > 0 { bytes.append(0x09) }
+            appendField(column, to: &bytes)
+        }
+        bytes.append(0x0A)
+    }
+
+    /// Appends one field, escaped.
+    public static func appendField(_ text: String, to bytes: inout [UInt8]) {
+        var text = text
+        text.withUTF8 { utf8 in
+            var runStart = 0
+            for (index, byte) in utf8.enumerated() {
+                let escape: UInt8
+                switch byte {
+                case 0x5C: escape = 0x5C  // \\
+                case 0x09: escape = 0x74  // \t
+                case 0x0A: escape = 0x6E  // \n
+                case 0x0D: escape = 0x72  // \r
+                default: continue
+                }
+                bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[runStart..<index]))
+                bytes.append(0x5C)
+                bytes.append(escape)
+                runStart = index + 1
+            }
+            bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[runStart...]))
+        }
+    }
+}

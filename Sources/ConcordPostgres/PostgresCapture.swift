@@ -29,8 +29,11 @@ public final class PostgresCapture: Service, Sendable {
         public var pollInterval: Duration = .milliseconds(100)
         /// Changes asked for at once (whole transactions are always taken).
         public var changesPerPoll = 10_000
-        /// Records written per Concord transaction during the initial copy.
-        public var copyBatch = 5_000
+        /// Records written per Concord transaction during the initial copy. Each transaction
+        /// writes every index page it touches in full, and the key-hash index takes new keys in
+        /// random order: at 50,000 rows a transaction a million-row copy took 15 s, at 5,000 23 s
+        /// (about 18 MB held per batch of 225-byte rows).
+        public var copyBatch = 50_000
         public var backoffMaximum: Duration = .seconds(5)
 
         public init(url: String, tables: [String]) {

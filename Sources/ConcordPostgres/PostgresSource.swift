@@ -89,14 +89,27 @@ package struct PostgresSource {
     /// Runs `sql` through a cursor, in the transaction open on this connection, handing `body`
     /// each page of at most `pageSize` rows. A cursor, because a row stream left waiting while
     /// the caller works on the rows is not something PostgresNIO copes with.
+    ///
+    /// The server reads the next page while `body` works on one: each page is collected whole
+    /// by its own statement, queued on the connection behind the one before.
     func forEachPage(
         of sql: String, cursor: String, pageSize: Int, _ body: ([PostgresRow]) async throws -> Void
     ) async throws {
         try await execute("DECLARE \(cursor) NO SCROLL CURSOR FOR \(sql)")
+        let fetch = PostgresQuery(unsafeSQL: "FETCH \(pageSize) FROM \(cursor)")
+        var next = Task { try await self.rows(fetch) }
         while true {
-            let rows = try await rows(PostgresQuery(unsafeSQL: "FETCH \(pageSize) FROM \(cursor)"))
-            if !rows.isEmpty { try await body(rows) }
-            if rows.count < pageSize { break }
+            let rows = try await next.value
+            let more = rows.count == pageSize
+            if more { next = Task { try await self.rows(fetch) } }
+            do {
+                if !rows.isEmpty { try await body(rows) }
+            } catch {
+                // The statement already sent finishes before whatever the caller sends next.
+                if more { _ = try? await next.value }
+                throw error
+            }
+            if !more { break }
         }
         try await execute("CLOSE \(cursor)")
     }

@@ -74,6 +74,13 @@ struct Serve: AsyncParsableCommand {
 
     @Option(
         help: """
+            With --postgres: rows written per publisher transaction while the tables are copied \
+            (larger is faster, each holds its rows in memory).
+            """)
+    var copyBatch = PostgresCapture.Configuration(url: "", tables: []).copyBatch
+
+    @Option(
+        help: """
             Require bearer tokens, read from this file: one token a line, NAME ROLE COLLECTIONS SECRET \
             (ROLE read, write or admin; COLLECTIONS a,b or *). Reloaded on SIGHUP and when the file changes.
             """)
@@ -204,6 +211,7 @@ struct Serve: AsyncParsableCommand {
                 url: postgres, tables: (tables ?? "").split(separator: ",").map(String.init))
             captureConfiguration.slot = slot
             captureConfiguration.pollInterval = .milliseconds(max(1, pollIntervalMs))
+            captureConfiguration.copyBatch = max(1, copyBatch)
             capture = PostgresCapture(configuration: captureConfiguration, store: store, logger: logger)
             configuration.writesRefused =
                 "this publisher captures its records from PostgreSQL; write to the database instead"

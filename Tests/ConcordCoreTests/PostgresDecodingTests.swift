@@ -89,4 +89,18 @@ import Testing
         #expect(try PostgresDecoding.merged(complete, previous: #"{"id":1,"body":"old"}"#) == complete)
         #expect(try PostgresDecoding.merged(update, previous: nil) == update)
     }
+
+    /// COPY's text format: the separators and the backslash inside a field are escaped, and
+    /// everything else (quotes, non-ASCII) goes through as it is.
+    @Test func copyTextEscapesSeparatorsAndBackslashes() {
+        var bytes: [UInt8] = []
+        PostgresCopyText.appendRow(["a\tb\\", "42", #"{"s":"x\"y","é":"\n"}"#], to: &bytes)
+        PostgresCopyText.appendRow(["tab\there", "1", "line\nbreak\r"], to: &bytes)
+        PostgresCopyText.appendRow(["", "7", "\\\\"], to: &bytes)
+        let expected =
+            "a\\tb\\\\\t42\t{\"s\":\"x\\\\\"y\",\"é\":\"\\\\n\"}\n"
+            + "tab\\there\t1\tline\\nbreak\\r\n"
+            + "\t7\t\\\\\\\\\n"
+        #expect(String(decoding: bytes, as: UTF8.self) == expected)
+    }
 }

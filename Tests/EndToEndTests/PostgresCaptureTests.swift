@@ -35,9 +35,13 @@ import Testing
     static let tables = "public.customers,public.order_lines,public.sentinels"
 
     static func serve(_ folder: URL, url: String, port: Int = 0) async throws -> (ConcordProcess, Int) {
+        // Copies in several transactions, so a kill -9 can land in the middle of one.
         try await ConcordProcess.serve(
             db: folder.appendingPathComponent("source.sqlite").path, port: port,
-            extra: ["--postgres", url, "--tables", tables, "--poll-interval-ms", "20", "--slot", slot(url)],
+            extra: [
+                "--postgres", url, "--tables", tables, "--poll-interval-ms", "20", "--slot", slot(url), "--copy-batch",
+                "5000",
+            ],
             log: folder.appendingPathComponent("serve.log").path)
     }
 
