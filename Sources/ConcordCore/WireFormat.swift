@@ -41,21 +41,28 @@ public enum WireFormat {
         writer.raw(item.isCommit ? ",\"commit\":true}\n" : ",\"commit\":false}\n")
     }
 
-    /// About how many bytes `append` writes for `items`: a writer sized by it grows at most
-    /// once, where a guess per item would copy a stream batch again (and fault in fresh pages)
-    /// whenever values are longer or `before` elements come along.
-    public static func encodedSize(of items: [StreamItem], includeBefore: Bool) -> Int {
+    /// About how many bytes `append` writes for `items` and the checkpoint lines among them: a
+    /// writer sized by it seldom grows, where a guess per item would copy a stream batch again
+    /// (and fault in fresh pages) whenever values are longer or `before` elements come along.
+    public static func encodedSize(
+        of items: [StreamItem], includeBefore: Bool, checkpoints: [Checkpoint] = []
+    ) -> Int {
         var size = 0
         for item in items {
             switch item {
             case .change(let change):
-                size += 80 + change.collection.utf8.count + change.key.utf8.count + (change.value?.utf8.count ?? 0)
+                // The members' names and punctuation, with a 20-digit LSN.
+                size += 92 + change.collection.utf8.count + change.key.utf8.count + (change.value?.utf8.count ?? 0)
                 if includeBefore, change.before != nil { size += 76 }
             case .skip:
-                size += 64
+                size += 80
             }
         }
-        // Escapes and the checkpoint lines between the items.
+        for checkpoint in checkpoints {
+            size += 48
+            for (collection, _) in checkpoint.digests { size += collection.utf8.count + 96 }
+        }
+        // Escapes.
         return size + size / 16 + 256
     }
 

@@ -490,17 +490,15 @@ public final class PostgresReplicaStore: ReplicaStoring {
         for record in records {
             PostgresCopyText.appendRow([record.key, String(record.version), record.value], to: &text)
         }
-        // COPY names its table unqualified: the replica's schema goes first on the path, for
-        // this transaction only.
-        let path = try await db.rows("SELECT current_setting('search_path')").first?.decode(String.self) ?? "public"
-        _ = try await db.rows(
-            "SELECT set_config('search_path', \(PostgresSource.quote(configuration.schema)), true)")
-        try await db.connection.copyFrom(
-            table: collection, columns: ["key", "version", "value"], logger: db.logger
-        ) { writer in
-            try await writer.write(ByteBuffer(bytes: text))
-        }
-        _ = try await db.rows("SELECT set_config('search_path', \(path), true)")
+        // Qualified, never found through the search path, where pg_catalog comes first.
+        try await db.copy(
+            into: PostgresSource.quoteInside(configuration.schema) + "\".\"" + collection,
+            columns: ["key", "version", "value"], text: text)
+    }
+
+    /// Whether `page` would go in by COPY now (for tests).
+    package func copies(_ page: SnapshotPage) async throws -> Bool {
+        try await reader.withConnection { db in try await holdsNone(of: page, in: db) }
     }
 
     /// Writes rows unless the replica holds the key, or a tombstone of it, at an equal or higher version.

@@ -66,6 +66,29 @@ package struct PostgresSource {
     /// query's await unanswered; the connection's close fails every statement still waiting,
     /// so the capture reconnects instead of waiting forever. Slow statements are left alone.
     func rows(_ query: PostgresQuery) async throws -> [PostgresRow] {
+        try await guarded(doing: query.sql) { connection, logger in
+            try await connection.query(query, logger: logger).collect()
+        }
+    }
+
+    /// Sends `text`, rows in COPY's text format, to `COPY table (columns) FROM STDIN`, guarded
+    /// against a dropped connection like a statement.
+    ///
+    /// PostgresNIO puts `table` between double quotes as it is: pass `schema"."name` with any
+    /// quote in them doubled (``quoteInside(_:)``) to name a table outside the search path.
+    func copy(into table: String, columns: [String], text: [UInt8]) async throws {
+        _ = try await guarded(doing: "COPY \(table)") { connection, logger in
+            try await connection.copyFrom(table: table, columns: columns, logger: logger) { writer in
+                try await writer.write(ByteBuffer(bytes: text))
+            }
+            return []
+        }
+    }
+
+    /// Runs `work` on the connection, failed when the connection closes before it ends.
+    private func guarded(
+        doing sql: String, _ work: @escaping @Sendable (PostgresConnection, Logger) async throws -> [PostgresRow]
+    ) async throws -> [PostgresRow] {
         let connection = self.connection
         let logger = self.logger
         let waiting = self.waiting
@@ -77,9 +100,9 @@ package struct PostgresSource {
             }
             Task {
                 do {
-                    outcome.finish(.success(try await connection.query(query, logger: logger).collect()))
+                    outcome.finish(.success(try await work(connection, logger)))
                 } catch {
-                    outcome.finish(.failure(Self.translate(error, doing: query.sql)))
+                    outcome.finish(.failure(Self.translate(error, doing: sql)))
                 }
                 waiting.remove(outcome)
             }
@@ -144,7 +167,12 @@ package struct PostgresSource {
 
     /// `"Name"` quoted for SQL.
     static func quote(_ identifier: String) -> String {
-        "\"" + identifier.replacingOccurrences(of: "\"", with: "\"\"") + "\""
+        "\"" + quoteInside(identifier) + "\""
+    }
+
+    /// What goes between the double quotes of a quoted identifier: the name, quotes doubled.
+    static func quoteInside(_ identifier: String) -> String {
+        identifier.replacingOccurrences(of: "\"", with: "\"\"")
     }
 }
 

@@ -7,9 +7,10 @@ import Synchronization
 
 /// One thread, at the lowest scheduling priority, for upkeep that can wait for a free core.
 ///
-/// Work that no reader waits for (folding applied changes into the kept sketches) would
-/// otherwise hold one of the few threads of Swift's cooperative pool, and take CPU time from
-/// the reading and applying of changes whenever the cores are busy.
+/// Folding applied changes into the kept sketches would otherwise hold one of the few threads
+/// of Swift's cooperative pool, and take CPU time from reading and applying changes whenever
+/// the cores are busy. Its jobs keep each hold of a lock short: a reader that needs their
+/// result waits for a thread that may get little CPU time.
 package final class IdleThread: Sendable {
     package static let shared = IdleThread()
 
@@ -18,8 +19,9 @@ package final class IdleThread: Sendable {
 
     private init() {
         let thread = Thread { [self] in
-            #if os(Linux)
-                // Linux keeps a nice value per thread: this lowers only this one.
+            #if canImport(Glibc)
+                // Linux keeps a nice value per thread: this lowers only this one. Should it fail,
+                // the thread runs at normal priority, which is slower but no less correct.
                 _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 19)
             #endif
             while true {
@@ -33,6 +35,9 @@ package final class IdleThread: Sendable {
             }
         }
         thread.name = "concord-idle"
+        #if !canImport(Glibc)
+            thread.qualityOfService = .background
+        #endif
         thread.start()
     }
 

@@ -6,15 +6,45 @@ import Synchronization
 /// drains the queue first, so it always sees the sketches of the committed rows.
 package final class KeptSketches: Sendable {
     /// Queued changes beyond which the transaction that queues them folds them itself: memory
-    /// stays bounded (about 100 bytes a change) even when no core is ever free.
+    /// stays bounded (about 100 bytes a change, besides the transaction being queued) even
+    /// when no core is ever free.
     static let maxQueued = 131_072
+    /// Changes folded under one hold of the lock: the idle thread runs at the lowest priority,
+    /// and a reader that waits for it should wait for a short fold only (about a millisecond).
+    static let chunk = 2048
+    /// Chunks the idle thread folds before it lets the jobs of other replicas run.
+    static let chunksPerJob = 16
 
     private struct Pending {
-        /// Each transaction's changes, oldest first: the idle thread folds one at a time, so
-        /// a reader that drains waits for one transaction's fold at most.
-        var batches: [[PublisherStore.ElementChange]] = []
+        /// Queued changes in chunks, oldest first from `head` (taken ones are dropped in bulk).
+        var chunks: [ArraySlice<PublisherStore.ElementChange>] = []
+        var head = 0
         var count = 0
         var scheduled = false
+
+        mutating func takeFirst() -> ArraySlice<PublisherStore.ElementChange>? {
+            guard head < chunks.count else { return nil }
+            let chunk = chunks[head]
+            head += 1
+            count -= chunk.count
+            if head == chunks.count {
+                chunks.removeAll(keepingCapacity: true)
+                head = 0
+            } else if head >= 1024, head * 2 >= chunks.count {
+                chunks.removeFirst(head)
+                head = 0
+            }
+            return chunk
+        }
+
+        mutating func takeAll() -> [ArraySlice<PublisherStore.ElementChange>] {
+            defer {
+                chunks.removeAll()
+                head = 0
+                count = 0
+            }
+            return Array(chunks[head...])
+        }
     }
 
     /// Lock order: `sets`, then `pending`.
@@ -27,7 +57,9 @@ package final class KeptSketches: Sendable {
     package func queue(_ changes: [PublisherStore.ElementChange]) {
         guard !changes.isEmpty else { return }
         let (schedule, full) = pending.withLock { pending in
-            pending.batches.append(changes)
+            for start in stride(from: changes.startIndex, to: changes.endIndex, by: Self.chunk) {
+                pending.chunks.append(changes[start..<min(changes.endIndex, start + Self.chunk)])
+            }
             pending.count += changes.count
             let full = pending.count >= Self.maxQueued
             guard !pending.scheduled else { return (false, full) }
@@ -38,49 +70,39 @@ package final class KeptSketches: Sendable {
         if schedule { IdleThread.shared.submit { self.foldQueued() } }
     }
 
-    /// Folds queued transactions one by one until none is left (on the idle thread).
+    /// Folds queued chunks one by one (on the idle thread); after a few, submits itself again
+    /// behind the other jobs, so one busy replica does not keep another's queue waiting.
     private func foldQueued() {
-        while sets.withLock({ set in
-            let batch = pending.withLock { pending -> [PublisherStore.ElementChange]? in
-                guard !pending.batches.isEmpty else {
-                    pending.scheduled = false
-                    return nil
+        for _ in 0..<Self.chunksPerJob {
+            let folded = sets.withLock { set in
+                let chunk = pending.withLock { pending in
+                    let chunk = pending.takeFirst()
+                    if chunk == nil { pending.scheduled = false }
+                    return chunk
                 }
-                pending.count -= pending.batches[0].count
-                return pending.batches.removeFirst()
+                guard let chunk else { return false }
+                set?.apply(chunk)
+                return true
             }
-            guard let batch else { return false }
-            set?.apply(batch)
-            return true
-        }) {}
+            if !folded { return }
+        }
+        IdleThread.shared.submit { self.foldQueued() }
     }
 
     /// Applies every queued change.
     package func drain() {
         sets.withLock { set in
-            let batches = pending.withLock { pending in
-                pending.count = 0
-                return Self.take(&pending.batches)
-            }
+            let chunks = pending.withLock { $0.takeAll() }
             guard set != nil else { return }
-            for batch in batches { set!.apply(batch) }
+            for chunk in chunks { set!.apply(chunk) }
         }
-    }
-
-    private static func take<T>(_ items: inout [T]) -> [T] {
-        var taken: [T] = []
-        swap(&taken, &items)
-        return taken
     }
 
     /// Installs sketches built from the rows as they are now: queued changes are already in them.
     package func install(_ set: SketchSet?) {
         sets.withLock { current in
             current = set
-            pending.withLock { pending in
-                pending.batches.removeAll()
-                pending.count = 0
-            }
+            _ = pending.withLock { $0.takeAll() }
         }
     }
 
@@ -107,12 +129,12 @@ package final class KeptSketches: Sendable {
 
 extension SketchSet {
     /// Applies element changes in order, one dictionary lookup per run of changes to a collection.
-    package mutating func apply(_ changes: [PublisherStore.ElementChange]) {
+    package mutating func apply(_ changes: some RandomAccessCollection<PublisherStore.ElementChange>) {
         var start = changes.startIndex
         while start < changes.endIndex {
             let collection = changes[start].collection
-            var end = start + 1
-            while end < changes.endIndex, changes[end].collection == collection { end += 1 }
+            var end = changes.index(after: start)
+            while end < changes.endIndex, changes[end].collection == collection { end = changes.index(after: end) }
             modify(collection) { sketch in
                 for change in changes[start..<end] { sketch.apply(before: change.before, after: change.after) }
             }

@@ -439,7 +439,8 @@ struct API: Sendable {
             items = try await store.items(after: after, limit: limit, collections: collections)
         }
         let checkpoints = try await store.checkpoints(after: after, through: items.last?.lastLSN ?? after)
-        var writer = JSONWriter(capacity: WireFormat.encodedSize(of: items, includeBefore: includeBefore))
+        var writer = JSONWriter(
+            capacity: WireFormat.encodedSize(of: items, includeBefore: includeBefore, checkpoints: checkpoints))
         Self.append(
             items, checkpoints: checkpoints, collections: collections, includeBefore: includeBefore, to: &writer)
         served(subscriber, after: after, items: items, bytes: writer.bytes.count)
@@ -501,7 +502,9 @@ struct API: Sendable {
                     }
                     let checkpoints = try await store.checkpoints(after: cursor, through: items.last!.lastLSN)
                     if checkpoints.last?.lsn == items.last!.lastLSN { checkpointed = items.last!.lastLSN }
-                    var lines = JSONWriter(capacity: WireFormat.encodedSize(of: items, includeBefore: includeBefore))
+                    var lines = JSONWriter(
+                        capacity: WireFormat.encodedSize(
+                            of: items, includeBefore: includeBefore, checkpoints: checkpoints))
                     var kept = items
                     if let every = configuration.dropEveryNthStreamItem {
                         kept = []

@@ -141,7 +141,7 @@ struct Serve: AsyncParsableCommand {
             ("--max-page-size", maxPageSize), ("--max-streams-per-token", maxStreamsPerToken),
             ("--max-streams", maxStreams), ("--stalled-client-seconds", stalledClientSeconds),
             ("--request-body-seconds", requestBodySeconds),
-            ("--max-body-bytes", maxBodyBytes),
+            ("--max-body-bytes", maxBodyBytes), ("--copy-batch", copyBatch),
         ] where value < 1 {
             throw ValidationError("\(name) must be at least 1")
         }
@@ -211,7 +211,7 @@ struct Serve: AsyncParsableCommand {
                 url: postgres, tables: (tables ?? "").split(separator: ",").map(String.init))
             captureConfiguration.slot = slot
             captureConfiguration.pollInterval = .milliseconds(max(1, pollIntervalMs))
-            captureConfiguration.copyBatch = max(1, copyBatch)
+            captureConfiguration.copyBatch = copyBatch
             capture = PostgresCapture(configuration: captureConfiguration, store: store, logger: logger)
             configuration.writesRefused =
                 "this publisher captures its records from PostgreSQL; write to the database instead"

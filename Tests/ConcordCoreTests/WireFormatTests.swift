@@ -11,24 +11,32 @@ import Testing
     }
 
     /// A stream batch's writer is sized once: the estimate covers what is written, with and
-    /// without `before`, and is not far above it.
+    /// without `before`, with checkpoint lines among the items and LSNs of every length, and is
+    /// not far above it.
     @Test func encodedSizeCoversABatch() {
         var items: [StreamItem] = []
+        var checkpoints: [Checkpoint] = []
+        let digest = CollectionDigest.empty
         for index in 0..<500 {
             let value = #"{"n":\#(index),"text":""# + String(repeating: "x", count: index % 300) + #""}"#
+            let lsn = index % 2 == 0 ? LSN(index + 1) : LSN.max - LSN(500 - index)
             items.append(
                 .change(
                     Change(
-                        lsn: LSN(1_000_000_000 + index), collection: "orders", key: "order-\(index)",
+                        lsn: lsn, collection: "orders", key: "order-\(index)",
                         operation: index % 7 == 0 ? .delete : .upsert, value: index % 7 == 0 ? nil : value,
                         isCommit: index % 3 == 0,
                         before: Element(collection: "orders", key: "order-\(index)", version: 1, value: "{}"))))
-            if index % 50 == 0 { items.append(.skip(from: 1, through: LSN(index + 1), isCommit: true)) }
+            if index % 50 == 0 { items.append(.skip(from: 1, through: lsn, isCommit: true)) }
+            if index % 25 == 0 {
+                checkpoints.append(Checkpoint(lsn: lsn, digests: ["orders": digest, "customers": digest]))
+            }
         }
         for includeBefore in [false, true] {
             var writer = JSONWriter()
             for item in items { WireFormat.append(item, to: &writer, includeBefore: includeBefore) }
-            let estimate = WireFormat.encodedSize(of: items, includeBefore: includeBefore)
+            for checkpoint in checkpoints { WireFormat.append(checkpoint, to: &writer) }
+            let estimate = WireFormat.encodedSize(of: items, includeBefore: includeBefore, checkpoints: checkpoints)
             #expect(estimate >= writer.bytes.count)
             #expect(estimate < writer.bytes.count * 5 / 4)
         }

@@ -244,9 +244,10 @@ func temporaryFile(_ name: String) -> String {
         let kept = KeptSketches()
         kept.install(SketchSet(capacity: 128))
         var expected = RatelessSketch(capacity: 128)
+        // Small transactions, and large ones that are queued in several chunks.
         for transaction in 0..<50 {
             var changes: [PublisherStore.ElementChange] = []
-            for index in 0..<20 {
+            for index in 0..<(transaction % 10 == 9 ? 5000 : 20) {
                 let before =
                     transaction == 0
                     ? nil : Element(collection: "a", key: "k\(index)", version: UInt64(transaction), value: "v")
@@ -270,9 +271,13 @@ func temporaryFile(_ name: String) -> String {
         let change = PublisherStore.ElementChange(
             collection: "a", before: nil, after: Element(collection: "a", key: "k", version: 1, value: "v"))
         let batch = Array(repeating: change, count: 4096)
+        var expected = RatelessSketch(capacity: 16)
         for _ in 0..<(KeptSketches.maxQueued / batch.count + 2) {
             kept.queue(batch)
             #expect(kept.queuedCount < KeptSketches.maxQueued)
+            for change in batch { expected.apply(before: change.before, after: change.after) }
         }
+        // Folded inline or by the idle thread, every change is in, once.
+        #expect(kept.sketch(of: "a")?.symbols == expected.symbols)
     }
 }
