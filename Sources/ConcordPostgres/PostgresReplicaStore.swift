@@ -334,7 +334,7 @@ public final class PostgresReplicaStore: ReplicaStoring {
 
     public func apply(_ items: [StreamItem], through: LSN) async throws {
         do {
-            let elementChanges = try await write("cannot apply changes") { db in
+            try await write("cannot apply changes") { db in
                 guard let state = try await readState(db) else {
                     throw ConcordError(.storage, "replica is not initialized")
                 }
@@ -391,9 +391,11 @@ public final class PostgresReplicaStore: ReplicaStoring {
                         source_head = GREATEST(source_head, \(Int64(through))), updated_at = now()
                     WHERE id = 1
                     """)
-                return ledger.elementChanges
+                // Before the commit, under the replica's lock: a rebuild of the sketches sees
+                // these changes either in the rows it scans or in the queue after it, never both.
+                // A failed commit invalidates the sketches below.
+                sketches.queue(ledger.elementChanges)
             }
-            sketches.queue(elementChanges)
         } catch {
             sketches.invalidate()
             throw error

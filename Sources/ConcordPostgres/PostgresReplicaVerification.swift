@@ -214,7 +214,21 @@ extension PostgresReplicaStore {
         async throws
     {
         guard !records.isEmpty || !keys.isEmpty else { return }
-        let elementChanges = try await write("cannot repair \(collection)") { db in
+        do {
+            try await repairTransaction(collection, at: lsn, writing: records, deleting: keys)
+        } catch {
+            sketches.invalidate()
+            throw error
+        }
+    }
+
+    /// Queues its element changes before the commit, under the replica's lock, as every write
+    /// does: a rebuild of the sketches (which takes the same lock) sees them either in the rows
+    /// it scans or in the queue after it, never in both.
+    private func repairTransaction(
+        _ collection: String, at lsn: LSN, writing records: [Record], deleting keys: [String]
+    ) async throws {
+        try await write("cannot repair \(collection)") { db in
             try await createTables([collection], in: db)
             var ledger = try await DigestLedger.load([collection], from: table("concord_collections"), in: db)
             let touched = records.map(\.key) + keys
@@ -239,9 +253,8 @@ extension PostgresReplicaStore {
                     repaired_records = repaired_records + \(Int64(records.count + keys.count)), updated_at = now()
                 WHERE id = 1
                 """)
-            return ledger.elementChanges
+            sketches.queue(ledger.elementChanges)
         }
-        sketches.queue(elementChanges)
     }
 
     public func jump(to lsn: LSN) async throws {

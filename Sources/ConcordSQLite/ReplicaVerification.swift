@@ -279,6 +279,18 @@ extension ReplicaStore {
         async throws
     {
         guard !records.isEmpty || !keys.isEmpty else { return }
+        do {
+            try await repairTransaction(collection, at: lsn, writing: records, deleting: keys)
+        } catch {
+            // Its changes were queued for the sketches before the commit failed.
+            sketches.invalidate()
+            throw error
+        }
+    }
+
+    private func repairTransaction(
+        _ collection: String, at lsn: LSN, writing records: [ConcordCore.Record], deleting keys: [String]
+    ) async throws {
         try await pool.write { db in
             try Self.createTable(collection, in: db)
             var tracker = try DigestTracker(db: db, collections: [collection], exactFromDisk: true)
