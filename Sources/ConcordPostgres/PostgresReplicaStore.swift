@@ -333,7 +333,7 @@ public final class PostgresReplicaStore: ReplicaStoring {
     // MARK: Applying changes
 
     public func apply(_ items: [StreamItem], through: LSN) async throws {
-        do {
+        try await sketches.forgettingOnFailure {
             try await write("cannot apply changes") { db in
                 guard let state = try await readState(db) else {
                     throw ConcordError(.storage, "replica is not initialized")
@@ -393,12 +393,8 @@ public final class PostgresReplicaStore: ReplicaStoring {
                     """)
                 // Before the commit, under the replica's lock: a rebuild of the sketches sees
                 // these changes either in the rows it scans or in the queue after it, never both.
-                // A failed commit invalidates the sketches below.
                 sketches.queue(ledger.elementChanges)
             }
-        } catch {
-            sketches.invalidate()
-            throw error
         }
     }
 

@@ -214,46 +214,34 @@ extension PostgresReplicaStore {
         async throws
     {
         guard !records.isEmpty || !keys.isEmpty else { return }
-        do {
-            try await repairTransaction(collection, at: lsn, writing: records, deleting: keys)
-        } catch {
-            sketches.invalidate()
-            throw error
-        }
-    }
-
-    /// Queues its element changes before the commit, under the replica's lock, as every write
-    /// does: a rebuild of the sketches (which takes the same lock) sees them either in the rows
-    /// it scans or in the queue after it, never in both.
-    private func repairTransaction(
-        _ collection: String, at lsn: LSN, writing records: [Record], deleting keys: [String]
-    ) async throws {
-        try await write("cannot repair \(collection)") { db in
-            try await createTables([collection], in: db)
-            var ledger = try await DigestLedger.load([collection], from: table("concord_collections"), in: db)
-            let touched = records.map(\.key) + keys
-            let before = try await elements(of: collection, keys: touched, in: db)
-            for rows in RowColumns(records).chunks() where !rows.keys.isEmpty {
-                try await upsert(rows, into: collection, in: db)
+        try await sketches.forgettingOnFailure {
+            try await write("cannot repair \(collection)") { db in
+                try await createTables([collection], in: db)
+                var ledger = try await DigestLedger.load([collection], from: table("concord_collections"), in: db)
+                let touched = records.map(\.key) + keys
+                let before = try await elements(of: collection, keys: touched, in: db)
+                for rows in RowColumns(records).chunks() where !rows.keys.isEmpty {
+                    try await upsert(rows, into: collection, in: db)
+                }
+                try await delete(keys, from: collection, in: db)
+                for record in records {
+                    ledger.record(
+                        collection, before: before[record.key],
+                        after: Element(
+                            collection: collection, key: record.key, version: record.version, value: record.value))
+                }
+                for key in keys { ledger.record(collection, before: before[key], after: nil) }
+                try await ledger.save(to: table("concord_collections"), in: db)
+                let newest = records.map(\.version).max() ?? 0
+                _ = try await db.rows(
+                    """
+                    UPDATE \(unescaped: table("concord_state"))
+                    SET horizon = GREATEST(horizon, \(Int64(max(newest, lsn)))), repairs = repairs + 1,
+                        repaired_records = repaired_records + \(Int64(records.count + keys.count)), updated_at = now()
+                    WHERE id = 1
+                    """)
+                sketches.queue(ledger.elementChanges)
             }
-            try await delete(keys, from: collection, in: db)
-            for record in records {
-                ledger.record(
-                    collection, before: before[record.key],
-                    after: Element(
-                        collection: collection, key: record.key, version: record.version, value: record.value))
-            }
-            for key in keys { ledger.record(collection, before: before[key], after: nil) }
-            try await ledger.save(to: table("concord_collections"), in: db)
-            let newest = records.map(\.version).max() ?? 0
-            _ = try await db.rows(
-                """
-                UPDATE \(unescaped: table("concord_state"))
-                SET horizon = GREATEST(horizon, \(Int64(max(newest, lsn)))), repairs = repairs + 1,
-                    repaired_records = repaired_records + \(Int64(records.count + keys.count)), updated_at = now()
-                WHERE id = 1
-                """)
-            sketches.queue(ledger.elementChanges)
         }
     }
 

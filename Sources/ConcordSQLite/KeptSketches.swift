@@ -53,7 +53,8 @@ package final class KeptSketches: Sendable {
 
     package init() {}
 
-    /// Queues the element changes of a committed transaction (dropped while no sketches are built).
+    /// Queues a write transaction's element changes, inside it, before it commits (dropped while
+    /// no sketches are built); a failed commit forgets the sketches (``forgettingOnFailure(_:)``).
     package func queue(_ changes: [PublisherStore.ElementChange]) {
         guard !changes.isEmpty else { return }
         let (schedule, full) = pending.withLock { pending in
@@ -108,6 +109,17 @@ package final class KeptSketches: Sendable {
 
     /// Forgets the sketches (they no longer describe the rows); a scan builds them again.
     package func invalidate() { install(nil) }
+
+    /// Runs a write transaction that queues its element changes before it commits: should it
+    /// fail, they may describe rows that were never committed, so the sketches are forgotten.
+    package func forgettingOnFailure<T>(_ write: () async throws -> T) async throws -> T {
+        do {
+            return try await write()
+        } catch {
+            invalidate()
+            throw error
+        }
+    }
 
     /// Replaces one collection's sketch by one scanned from its rows now.
     package func replace(_ collection: String, by sketch: RatelessSketch) {

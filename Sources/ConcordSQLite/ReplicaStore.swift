@@ -213,57 +213,58 @@ public final class ReplicaStore: ReplicaStoring {
         -> CheckpointOutcome?
     {
         do {
-            return try await pool.write { db in
-                guard let state = try Self.readState(db) else {
-                    throw ConcordError(.storage, "replica is not initialized")
-                }
-                try state.checkContinued(by: items)
-                let mode = state.progress.applyMode(position: state.position)
-                let keepTombstones = state.progress.phase == .bootstrapping
-                let filter = state.collections.map(Set.init)
-                var touched = Set<String>()
-                for item in items {
-                    if case .change(let change) = item, filter?.contains(change.collection) ?? true {
-                        touched.insert(change.collection)
+            return try await sketches.forgettingOnFailure {
+                try await pool.write { db in
+                    guard let state = try Self.readState(db) else {
+                        throw ConcordError(.storage, "replica is not initialized")
                     }
-                }
-                var applier = try Applier(db: db, mode: mode, keepTombstones: keepTombstones, collections: touched)
-                var digests = try DigestTracker(
-                    db: db, collections: configuration.tracksDigests ? touched : [], exactFromDisk: mode == .merge)
-                if !configuration.tracksDigests, !touched.isEmpty {
-                    try DigestTracker.invalidate(Array(touched), in: db)
-                    self.sketches.invalidate()
-                }
-                var applied = 0
-                for item in items {
-                    guard case .change(let change) = item else { continue }
-                    if let filter, !filter.contains(change.collection) { continue }
-                    try digests.willApply(change)
-                    try applier.apply(change)
-                    try digests.didApply(change)
-                    applied += 1
-                }
-                try digests.save()
-                self.updateSketches(digests.elementChanges)
-                if configuration.auditAppliedChanges {
-                    let audit = RawStatement(
-                        try db.cachedStatement(sql: "INSERT INTO concord_applied (lsn) VALUES (?)"), in: db)
+                    try state.checkContinued(by: items)
+                    let mode = state.progress.applyMode(position: state.position)
+                    let keepTombstones = state.progress.phase == .bootstrapping
+                    let filter = state.collections.map(Set.init)
+                    var touched = Set<String>()
+                    for item in items {
+                        if case .change(let change) = item, filter?.contains(change.collection) ?? true {
+                            touched.insert(change.collection)
+                        }
+                    }
+                    var applier = try Applier(db: db, mode: mode, keepTombstones: keepTombstones, collections: touched)
+                    var digests = try DigestTracker(
+                        db: db, collections: configuration.tracksDigests ? touched : [], exactFromDisk: mode == .merge)
+                    if !configuration.tracksDigests, !touched.isEmpty {
+                        try DigestTracker.invalidate(Array(touched), in: db)
+                        self.sketches.invalidate()
+                    }
+                    var applied = 0
                     for item in items {
                         guard case .change(let change) = item else { continue }
-                        audit.bind(1, change.lsn)
-                        try audit.run()
+                        if let filter, !filter.contains(change.collection) { continue }
+                        try digests.willApply(change)
+                        try applier.apply(change)
+                        try digests.didApply(change)
+                        applied += 1
                     }
+                    try digests.save()
+                    self.updateSketches(digests.elementChanges)
+                    if configuration.auditAppliedChanges {
+                        let audit = RawStatement(
+                            try db.cachedStatement(sql: "INSERT INTO concord_applied (lsn) VALUES (?)"), in: db)
+                        for item in items {
+                            guard case .change(let change) = item else { continue }
+                            audit.bind(1, change.lsn)
+                            try audit.run()
+                        }
+                    }
+                    try db.execute(
+                        sql: """
+                            UPDATE concord_state SET position = ?, applied_changes = applied_changes + ?,
+                                source_head = max(source_head, ?), updated_at = ? WHERE id = 1
+                            """,
+                        arguments: [Int64(through), applied, Int64(through), Date().timeIntervalSince1970])
+                    return try checkpoint.map { try Self.judge($0, in: db) }
                 }
-                try db.execute(
-                    sql: """
-                        UPDATE concord_state SET position = ?, applied_changes = applied_changes + ?,
-                            source_head = max(source_head, ?), updated_at = ? WHERE id = 1
-                        """,
-                    arguments: [Int64(through), applied, Int64(through), Date().timeIntervalSince1970])
-                return try checkpoint.map { try Self.judge($0, in: db) }
             }
         } catch {
-            sketches.invalidate()
             throw ConcordError.storage(error, "cannot apply changes")
         }
     }

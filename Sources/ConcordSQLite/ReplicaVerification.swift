@@ -279,50 +279,40 @@ extension ReplicaStore {
         async throws
     {
         guard !records.isEmpty || !keys.isEmpty else { return }
-        do {
-            try await repairTransaction(collection, at: lsn, writing: records, deleting: keys)
-        } catch {
-            // Its changes were queued for the sketches before the commit failed.
-            sketches.invalidate()
-            throw error
-        }
-    }
-
-    private func repairTransaction(
-        _ collection: String, at lsn: LSN, writing records: [ConcordCore.Record], deleting keys: [String]
-    ) async throws {
-        try await pool.write { db in
-            try Self.createTable(collection, in: db)
-            var tracker = try DigestTracker(db: db, collections: [collection], exactFromDisk: true)
-            let table = SQLiteOpener.quote(collection)
-            let upsert = try db.cachedStatement(
-                sql: """
-                    INSERT INTO \(table) (key, version, value) VALUES (?, ?, ?)
-                    ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value
-                    """)
-            let delete = try db.cachedStatement(sql: "DELETE FROM \(table) WHERE key = ?")
-            for record in records {
-                let before = try DigestTracker.element(of: collection, key: record.key, in: db)
-                try upsert.execute(arguments: [record.key, Int64(record.version), record.value])
-                tracker.record(
-                    collection, before: before,
-                    after: Element(
-                        collection: collection, key: record.key, version: record.version, value: record.value))
+        try await sketches.forgettingOnFailure {
+            try await pool.write { db in
+                try Self.createTable(collection, in: db)
+                var tracker = try DigestTracker(db: db, collections: [collection], exactFromDisk: true)
+                let table = SQLiteOpener.quote(collection)
+                let upsert = try db.cachedStatement(
+                    sql: """
+                        INSERT INTO \(table) (key, version, value) VALUES (?, ?, ?)
+                        ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value
+                        """)
+                let delete = try db.cachedStatement(sql: "DELETE FROM \(table) WHERE key = ?")
+                for record in records {
+                    let before = try DigestTracker.element(of: collection, key: record.key, in: db)
+                    try upsert.execute(arguments: [record.key, Int64(record.version), record.value])
+                    tracker.record(
+                        collection, before: before,
+                        after: Element(
+                            collection: collection, key: record.key, version: record.version, value: record.value))
+                }
+                for key in keys {
+                    let before = try DigestTracker.element(of: collection, key: key, in: db)
+                    try delete.execute(arguments: [key])
+                    tracker.record(collection, before: before, after: nil)
+                }
+                try tracker.save()
+                let newest = records.map(\.version).max() ?? 0
+                try db.execute(
+                    sql: """
+                        UPDATE concord_state SET horizon = max(horizon, ?), repairs = repairs + 1,
+                            repaired_records = repaired_records + ?, updated_at = ? WHERE id = 1
+                        """,
+                    arguments: [Int64(max(newest, lsn)), records.count + keys.count, Date().timeIntervalSince1970])
+                self.updateSketches(tracker.elementChanges)
             }
-            for key in keys {
-                let before = try DigestTracker.element(of: collection, key: key, in: db)
-                try delete.execute(arguments: [key])
-                tracker.record(collection, before: before, after: nil)
-            }
-            try tracker.save()
-            let newest = records.map(\.version).max() ?? 0
-            try db.execute(
-                sql: """
-                    UPDATE concord_state SET horizon = max(horizon, ?), repairs = repairs + 1,
-                        repaired_records = repaired_records + ?, updated_at = ? WHERE id = 1
-                    """,
-                arguments: [Int64(max(newest, lsn)), records.count + keys.count, Date().timeIntervalSince1970])
-            self.updateSketches(tracker.elementChanges)
         }
     }
 
