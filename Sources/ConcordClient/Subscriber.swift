@@ -433,36 +433,38 @@ public final class Subscriber: Service, Sendable {
     /// Applies the live stream. Returns when the stream ends; a hole in it is refilled by a pull first.
     ///
     /// Reading and parsing the stream overlap with writing it: whole transactions go to an
-    /// ``ApplyPipeline`` that writes one batch while the next is parsed, so the two cores
-    /// share the work instead of taking turns.
+    /// ``ApplyPipeline`` whose writer takes all that waits as one batch while the next ones are
+    /// parsed, so the two cores share the work instead of taking turns.
     func follow() async throws {
         guard let position = try await store.state()?.position else { return }
         let response = try await client.stream(after: position, collections: configuration.collections)
         var sequencer = ChangeSequencer(after: position)
         var lines = LineSplitter()
         let bootstrapping = try await store.state()?.progress.phase == .bootstrapping
-        let pipeline = ApplyPipeline()
-        let hashesAhead = configuration.verification && !bootstrapping
+        let verifying = configuration.verification
+        let pipeline = ApplyPipeline(maxBacklog: configuration.pullLimit) { batch in
+            guard let through = batch.through else {
+                guard let checkpoint = batch.checkpoint else { return true }
+                return try await self.verifyAt(checkpoint)
+            }
+            guard let checkpoint = batch.checkpoint else {
+                try await self.store.apply(batch.items, through: through)
+                return true
+            }
+            guard verifying, checkpoint.lsn == through else {
+                try await self.store.apply(batch.items, through: through)
+                return try await self.verifyAt(checkpoint)
+            }
+            let outcome = try await self.store.apply(batch.items, through: through, checking: checkpoint)
+            return try await self.verifyAt(checkpoint, outcome: outcome)
+        }
+        let hashesAhead = verifying && !bootstrapping
         /// Hands whole transactions (and a checkpoint that follows them) to the pipeline; while
         /// bootstrapping, waits for them, as the bootstrap may complete with any of them.
         func submit(checkpoint: Checkpoint? = nil) async throws -> Bool {
-            guard let (items, through) = sequencer.takeComplete() else {
-                if let checkpoint { try await pipeline.submit(stoppingUnless: { try await self.verifyAt(checkpoint) }) }
-                return true
-            }
-            let verifying = configuration.verification
-            try await pipeline.submit(stoppingUnless: {
-                guard let checkpoint else {
-                    try await self.store.apply(items, through: through)
-                    return true
-                }
-                guard verifying, checkpoint.lsn == through else {
-                    try await self.store.apply(items, through: through)
-                    return try await self.verifyAt(checkpoint)
-                }
-                let outcome = try await self.store.apply(items, through: through, checking: checkpoint)
-                return try await self.verifyAt(checkpoint, outcome: outcome)
-            })
+            let complete = sequencer.takeComplete()
+            guard complete != nil || checkpoint != nil else { return true }
+            try await pipeline.submit(complete?.items ?? [], through: complete?.through, checkpoint: checkpoint)
             if bootstrapping {
                 try await pipeline.drain()
                 if try await store.completeBootstrapIfReady() { return false }
@@ -503,11 +505,9 @@ public final class Subscriber: Service, Sendable {
                         return
                     }
                 }
-                // Whole transactions go to the pipeline when it is idle, or when enough wait
-                // that holding more would only cost memory.
-                if pipeline.isIdle || sequencer.readyCount >= configuration.pullLimit {
-                    guard try await submit() else { return }
-                }
+                // Whole transactions go to the pipeline at once: its writer takes them as soon as
+                // it is free, together with any that queued while it wrote.
+                guard try await submit() else { return }
                 if scrubDue {
                     _ = try await submit()
                     try await pipeline.drain()
@@ -541,37 +541,81 @@ public final class Subscriber: Service, Sendable {
     }
 }
 
-/// Runs one batch of work at a time behind the stream reader: `submit` waits for the previous
-/// batch and starts the next without waiting for it, so reading and writing overlap.
+/// Writes what the stream reader parsed, behind it: the reader queues whole transactions and
+/// goes on parsing; one writer task takes everything that waits (up to the newest checkpoint)
+/// as a single batch. The reader waits only when `maxBacklog` stream items are queued.
 final class ApplyPipeline: Sendable {
-    private let running = Mutex<Task<Bool, Error>?>(nil)
-    private let finished = Atomic<Bool>(true)
-    private let stopRequested = Atomic<Bool>(false)
-
-    /// No batch is being written.
-    var isIdle: Bool { finished.load(ordering: .acquiring) }
-    /// A batch's work asked the stream to end (its checkpoint changed the replica's phase).
-    var mustStop: Bool { stopRequested.load(ordering: .acquiring) }
-
-    /// Waits for the previous batch, rethrowing its error, then starts `work`; `work` returns
-    /// false to ask the reader to stop.
-    func submit(stoppingUnless work: @escaping @Sendable () async throws -> Bool) async throws {
-        try await drain()
-        finished.store(false, ordering: .releasing)
-        let task = Task {
-            defer { self.finished.store(true, ordering: .releasing) }
-            let keepGoing = try await work()
-            if !keepGoing { self.stopRequested.store(true, ordering: .releasing) }
-            return keepGoing
-        }
-        running.withLock { $0 = task }
+    private struct State: Sendable {
+        var backlog = ApplyBacklog()
+        var writer: Task<Void, Never>?
+        var failure: (any Error)?
+        var waitingForSpace: CheckedContinuation<Void, Never>?
     }
 
-    /// Waits for the batch in flight; rethrows its error.
+    private let state = Mutex(State())
+    private let stopRequested = Atomic<Bool>(false)
+    private let maxBacklog: Int
+    /// Writes one batch; returns false to ask the reader to stop (its checkpoint changed the replica's phase).
+    private let write: @Sendable (ApplyBacklog.Batch) async throws -> Bool
+
+    init(maxBacklog: Int, write: @escaping @Sendable (ApplyBacklog.Batch) async throws -> Bool) {
+        self.maxBacklog = max(1, maxBacklog)
+        self.write = write
+    }
+
+    /// A batch's work asked the stream to end; what still waited was dropped (the next session
+    /// reads it again from the replica's position).
+    var mustStop: Bool { stopRequested.load(ordering: .acquiring) }
+
+    /// Queues `items`, whole transactions ending at `through`, and the checkpoint after them;
+    /// rethrows a failed batch's error. Waits while the backlog is full.
+    func submit(_ items: [StreamItem], through: LSN?, checkpoint: Checkpoint?) async throws {
+        let full = try state.withLock { state throws -> Bool in
+            if let failure = state.failure { throw failure }
+            state.backlog.append(items, through: through, checkpoint: checkpoint)
+            if state.writer == nil { state.writer = Task { await self.writeAll() } }
+            return state.backlog.itemCount > maxBacklog
+        }
+        guard full else { return }
+        await withCheckedContinuation { (waiting: CheckedContinuation<Void, Never>) in
+            let room = state.withLock { state -> Bool in
+                guard state.backlog.itemCount > maxBacklog, state.writer != nil else { return true }
+                state.waitingForSpace = waiting
+                return false
+            }
+            if room { waiting.resume() }
+        }
+    }
+
+    /// Waits until everything queued is written; rethrows a failed batch's error.
     func drain() async throws {
-        guard let task = running.withLock({ $0 }) else { return }
-        running.withLock { $0 = nil }
-        _ = try await task.value
+        while let writer = state.withLock({ $0.writer }) { await writer.value }
+        if let failure = state.withLock({ state -> (any Error)? in
+            defer { state.failure = nil }
+            return state.failure
+        }) {
+            throw failure
+        }
+    }
+
+    /// The writer task: takes batches until none waits, a batch fails or one asks to stop.
+    private func writeAll() async {
+        while true {
+            let (batch, waiting) = state.withLock { state -> (ApplyBacklog.Batch?, CheckedContinuation<Void, Never>?) in
+                defer { state.waitingForSpace = nil }
+                if state.failure != nil || mustStop { state.backlog.removeAll() }
+                let batch = state.backlog.takeBatch()
+                if batch == nil { state.writer = nil }
+                return (batch, state.waitingForSpace)
+            }
+            waiting?.resume()
+            guard let batch else { return }
+            do {
+                if try await !write(batch) { stopRequested.store(true, ordering: .releasing) }
+            } catch {
+                state.withLock { $0.failure = error }
+            }
+        }
     }
 }
 

@@ -69,6 +69,66 @@ public struct JSONScanner {
         }
     }
 
+    /// Parses `range` of the input as one JSON object and calls `body` with each member's name
+    /// (as a string value: see ``nameIs(_:_:)``) and value as it reaches them: one pass, where
+    /// ``document(in:)`` then ``forEachMember(of:_:)`` walk every value twice.
+    public func forEachMember(
+        ofDocumentIn range: Range<Int>,
+        _ body: (Value, Value) throws(ConcordError) -> Void
+    ) throws(ConcordError) {
+        var index = range.lowerBound
+        skipWhitespace(&index)
+        guard index < bytes.count, bytes[index] == UInt8(ascii: "{") else {
+            throw ConcordError(.invalidRequest, "expected a JSON object")
+        }
+        index += 1
+        skipWhitespace(&index)
+        if index < bytes.count, bytes[index] == UInt8(ascii: "}") {
+            index += 1
+        } else {
+            while true {
+                skipWhitespace(&index)
+                let name = try parseString(at: &index)
+                skipWhitespace(&index)
+                guard index < bytes.count, bytes[index] == UInt8(ascii: ":") else {
+                    throw Self.error("expected ':'", at: index)
+                }
+                index += 1
+                let member = try parseValue(at: &index, depth: 1)
+                try body(name, member)
+                skipWhitespace(&index)
+                guard index < bytes.count else { throw Self.error("unterminated object", at: index) }
+                if bytes[index] == UInt8(ascii: ",") {
+                    index += 1
+                } else if bytes[index] == UInt8(ascii: "}") {
+                    index += 1
+                    break
+                } else {
+                    throw Self.error("expected ',' or '}'", at: index)
+                }
+            }
+        }
+        while index < range.upperBound, Self.isWhitespace(bytes[index]) { index += 1 }
+        guard index == range.upperBound else { throw Self.error("unexpected text after the JSON value", at: index) }
+    }
+
+    /// Whether the string value `name` is `literal`, compared byte for byte without building a
+    /// `String` (a name written with escapes is decoded first).
+    @inline(__always)
+    public func nameIs(_ name: Value, _ literal: StaticString) -> Bool {
+        let inner = (name.range.lowerBound + 1)..<(name.range.upperBound - 1)
+        let count = literal.utf8CodeUnitCount
+        if inner.count == count {
+            let pointer = literal.utf8Start
+            for offset in 0..<count where bytes[inner.lowerBound + offset] != pointer[offset] {
+                return false
+            }
+            return true
+        }
+        guard inner.count > count, bytes[inner].contains(UInt8(ascii: "\\")) else { return false }
+        return (try? decodeString(name)) == literal.description
+    }
+
     /// Calls `body` with each element of the array at `array`.
     public func forEachElement(of array: Value, _ body: (Value) throws(ConcordError) -> Void) throws(ConcordError) {
         guard array.kind == .array else { throw ConcordError(.invalidRequest, "expected a JSON array") }

@@ -95,7 +95,10 @@ public enum RatelessMapping {
         public mutating func advance() -> UInt64 {
             state = state &* 0xDA94_2042_E4DD_58B5
             let gap = (Double(current) + 1.5) * (4_294_967_296.0 / (Double(state) + 1).squareRoot() - 1)
-            current &+= UInt64(gap.rounded(.up))
+            // `gap` is finite and at least 0: truncating and stepping up where it had a fraction
+            // is its ceiling, without the call to the C library's `ceil` the generic target makes.
+            let whole = UInt64(gap)
+            current &+= Double(whole) == gap ? whole : whole &+ 1
             return current
         }
     }

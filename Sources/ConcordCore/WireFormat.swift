@@ -123,7 +123,6 @@ public enum WireFormat {
         _ bytes: [UInt8], range: Range<Int>, hashingAfter: Bool = false
     ) throws(ConcordError) -> StreamLine {
         let scanner = JSONScanner(bytes)
-        let object = try scanner.document(in: range)
         var lsn: LSN?
         var from: LSN?
         var head: LSN?
@@ -134,15 +133,19 @@ public enum WireFormat {
         var isCommit = false
         var before: Element?
         var digests: [String: CollectionDigest]?
-        try scanner.forEachMember(of: object) { (name, member) throws(ConcordError) in
-            // In the order a change line has them: each name is compared with the cases in turn.
-            switch name {
-            case "lsn": lsn = try scanner.decodeUInt64(member)
-            case "collection": collection = try scanner.decodeString(member)
-            case "key": key = try scanner.decodeString(member)
-            case "op": op = try scanner.decodeString(member)
-            case "value": value = String(decoding: scanner.bytes[member.range], as: UTF8.self)
-            case "before":
+        // One pass over the line; names are compared as bytes, in the order a change line has them.
+        try scanner.forEachMember(ofDocumentIn: range) { (name, member) throws(ConcordError) in
+            if scanner.nameIs(name, "lsn") {
+                lsn = try scanner.decodeUInt64(member)
+            } else if scanner.nameIs(name, "collection") {
+                collection = try scanner.decodeString(member)
+            } else if scanner.nameIs(name, "key") {
+                key = try scanner.decodeString(member)
+            } else if scanner.nameIs(name, "op") {
+                op = try scanner.decodeString(member)
+            } else if scanner.nameIs(name, "value") {
+                value = String(decoding: scanner.bytes[member.range], as: UTF8.self)
+            } else if scanner.nameIs(name, "before") {
                 // 64 hex digits between the quotes: no escapes to decode.
                 let range = member.range
                 let words = scanner.bytes.withUnsafeBytes { bytes in
@@ -155,10 +158,13 @@ public enum WireFormat {
                     throw ConcordError(.protocolViolation, "\"before\" must be 64 hex digits")
                 }
                 before = Element(words: words)
-            case "commit": isCommit = try scanner.decodeBool(member)
-            case "from": from = try scanner.decodeUInt64(member)
-            case "head": head = try scanner.decodeUInt64(member)
-            case "digests":
+            } else if scanner.nameIs(name, "commit") {
+                isCommit = try scanner.decodeBool(member)
+            } else if scanner.nameIs(name, "from") {
+                from = try scanner.decodeUInt64(member)
+            } else if scanner.nameIs(name, "head") {
+                head = try scanner.decodeUInt64(member)
+            } else if scanner.nameIs(name, "digests") {
                 var parsed: [String: CollectionDigest] = [:]
                 try scanner.forEachMember(of: member) { (collection, text) throws(ConcordError) in
                     let description = try scanner.decodeString(text)
@@ -168,8 +174,8 @@ public enum WireFormat {
                     parsed[collection] = digest
                 }
                 digests = parsed
-            default: break  // unknown members are for newer readers
             }
+            // Unknown members are for newer readers.
         }
         switch op {
         case "checkpoint":

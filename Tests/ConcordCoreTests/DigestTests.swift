@@ -112,6 +112,24 @@ import Testing
         return (decoder, remote.capacity)
     }
 
+    /// The index chain is part of the protocol: both peers must draw the same symbols. Its
+    /// integer ceiling must agree with the floating-point one the mapping is defined by.
+    @Test func indexChainTakesTheCeilingOfEachGap() {
+        for seed in 0..<2_000 as Range<UInt64> {
+            let checksum = RatelessMapping.checksum(SketchItem(keyHash: seed &* 0x9E37_79B9, contentHash: ~seed))
+            var chain = RatelessMapping.Indices(checksum: checksum)
+            var state = checksum
+            var current: UInt64 = 0
+            while current < 1 << 20 {
+                state = state &* 0xDA94_2042_E4DD_58B5
+                let gap = (Double(current) + 1.5) * (4_294_967_296.0 / (Double(state) + 1).squareRoot() - 1)
+                current &+= UInt64(gap.rounded(.up))
+                #expect(chain.advance() == current)
+                if chain.current != current { return }
+            }
+        }
+    }
+
     @Test(arguments: [1, 3, 30, 300, 999])
     func recoversExactlyTheDifference(differences: Int) {
         let shared = elements(0..<5000)

@@ -2,6 +2,73 @@ import Testing
 
 @testable import ConcordCore
 
+@Suite struct ApplyBacklogTests {
+    func changes(_ lsns: ClosedRange<LSN>) -> [StreamItem] {
+        lsns.map {
+            .change(Change(lsn: $0, collection: "c", key: "k\($0)", operation: .upsert, value: "1", isCommit: true))
+        }
+    }
+
+    func checkpoint(_ lsn: LSN) -> Checkpoint {
+        Checkpoint(lsn: lsn, digests: ["c": CollectionDigest(count: Int64(lsn), sum: (0, 0, 0, 0))])
+    }
+
+    @Test func takesEverythingUpToTheNewestCheckpointAsOneBatch() {
+        var backlog = ApplyBacklog()
+        backlog.append(changes(1...3), through: 3, checkpoint: checkpoint(3))
+        backlog.append(changes(4...5), through: 5, checkpoint: nil)
+        backlog.append(changes(6...6), through: 6, checkpoint: checkpoint(6))
+        backlog.append(changes(7...8), through: 8, checkpoint: nil)
+        #expect(backlog.itemCount == 8)
+        let batch = backlog.takeBatch()
+        // The checkpoint at 3 is superseded by the one at 6, judged where the batch ends.
+        #expect(batch?.items.map(\.lastLSN) == Array(1...6))
+        #expect(batch?.through == 6)
+        #expect(batch?.checkpoint == checkpoint(6))
+        #expect(backlog.itemCount == 2)
+        // What follows the newest checkpoint waits for it, or goes alone when none comes.
+        let rest = backlog.takeBatch()
+        #expect(rest?.items.map(\.lastLSN) == [7, 8])
+        #expect(rest?.through == 8)
+        #expect(rest?.checkpoint == nil)
+        #expect(backlog.takeBatch() == nil)
+        #expect(backlog.isEmpty && backlog.itemCount == 0)
+    }
+
+    @Test func aCheckpointInALaterChunkClosesTheItemsItFollows() {
+        var backlog = ApplyBacklog()
+        backlog.append(changes(1...4), through: 4, checkpoint: nil)
+        backlog.append([], through: nil, checkpoint: checkpoint(4))
+        let batch = backlog.takeBatch()
+        #expect(batch?.items.count == 4)
+        #expect(batch?.through == 4)
+        #expect(batch?.checkpoint == checkpoint(4))
+        #expect(backlog.isEmpty)
+    }
+
+    @Test func aCheckpointAloneIsJudgedWithoutItems() {
+        var backlog = ApplyBacklog()
+        backlog.append([], through: nil, checkpoint: checkpoint(9))
+        #expect(backlog.takeBatch() == ApplyBacklog.Batch(items: [], through: nil, checkpoint: checkpoint(9)))
+        // Nothing at all is not queued.
+        backlog.append([], through: nil, checkpoint: nil)
+        #expect(backlog.isEmpty)
+    }
+
+    @Test func aCheckpointAfterOtherItemsKeepsTheLastItemsPosition() {
+        var backlog = ApplyBacklog()
+        backlog.append(changes(1...2), through: 2, checkpoint: nil)
+        // Not the items' end: it stays its own segment, and the batch ends at the items'.
+        backlog.append([], through: nil, checkpoint: checkpoint(1))
+        let batch = backlog.takeBatch()
+        #expect(batch?.through == 2)
+        #expect(batch?.checkpoint == checkpoint(1))
+        backlog.append(changes(3...3), through: 3, checkpoint: nil)
+        backlog.removeAll()
+        #expect(backlog.isEmpty && backlog.itemCount == 0 && backlog.takeBatch() == nil)
+    }
+}
+
 @Suite struct ChangeSequencerTests {
     func change(_ lsn: LSN, commit: Bool = true) -> StreamItem {
         .change(Change(lsn: lsn, collection: "c", key: "k\(lsn)", operation: .upsert, value: "1", isCommit: commit))

@@ -82,6 +82,30 @@ import Testing
         }
     }
 
+    @Test func streamLinesAreReadInOnePassWithEveryCheckKept() throws {
+        // Member names written with escapes mean the same names; unknown members are skipped.
+        let escaped =
+            #"{"l\u0073n":4, "collection":"c","k\u0065y":"k","op":"upsert","extra":[1,{"x":null}],"value":{"a":1},"commit":true}"#
+        let change = Change(lsn: 4, collection: "c", key: "k", operation: .upsert, value: #"{"a":1}"#, isCommit: true)
+        #expect(try WireFormat.parseStreamLine(Array(escaped.utf8)) == .item(.change(change)))
+        // A name that only starts like a known one is not it.
+        let longer = #"{"lsnx":4,"lsn":5,"collection":"c","key":"k","op":"delete","commit":true}"#
+        guard case .item(let item) = try WireFormat.parseStreamLine(Array(longer.utf8)) else {
+            Issue.record("not an item")
+            return
+        }
+        #expect(item.lastLSN == 5)
+        for text in [
+            #"{"lsn":4,"collection":"c","key":"k","op":"upsert","value":{"a":01},"commit":true}"#,  // bad value
+            #"{"lsn":4,"collection":"c","key":"k","op":"delete","commit":true} x"#,  // text after
+            #"{"lsn":4,"collection":"c","key":"k","op":"delete","commit":true"#,  // unterminated
+            #"["lsn",4]"#,  // not an object
+            #"{"lsn":4,"collection":"c","key":"k","op":"delete","before":"00","commit":true}"#,  // short before
+        ] {
+            #expect(throws: ConcordError.self) { try WireFormat.parseStreamLine(Array(text.utf8)) }
+        }
+    }
+
     @Test func pagesRoundTripAndTruncationIsDetected() throws {
         let page = SnapshotPage(
             collection: "orders", lsn: 77,
