@@ -91,12 +91,14 @@ func temporaryFile(_ name: String) -> String {
         } throws: { ($0 as? ConcordError)?.code == .beyondHead }
     }
 
-    @Test func digestsAndBeforeElementsMatchARescanAndAReplayOfTheLog() async throws {
+    /// Many small batches, and a few large ones that touch each key several times.
+    @Test(arguments: [(1...4, 300), (300...600, 12)])
+    func digestsAndBeforeElementsMatchARescanAndAReplayOfTheLog(sizes: ClosedRange<Int>, batches: Int) async throws {
         let store = try PublisherStore(path: temporaryFile("p.sqlite"))
         var generator = SystemRandomNumberGenerator()
-        for _ in 0..<300 {
+        for _ in 0..<batches {
             try await store.write { batch in
-                for _ in 0..<Int.random(in: 1...4, using: &generator) {
+                for _ in 0..<Int.random(in: sizes, using: &generator) {
                     let collection = Bool.random(using: &generator) ? "a" : "b"
                     let key = "k\(Int.random(in: 0..<40, using: &generator))"
                     if Int.random(in: 0..<3, using: &generator) == 0 {
@@ -124,6 +126,18 @@ func temporaryFile(_ name: String) -> String {
             current[id] = Element(change)
         }
         #expect(replayed["a"] == checks[0].stored && replayed["b"] == checks[1].stored)
+        // The records are the last write of each key.
+        for collection in ["a", "b"] {
+            let records = try await store.records(of: collection)
+            let expected = current.filter { $0.key.hasPrefix(collection + "/") }
+            #expect(records.count == expected.count)
+            for record in records {
+                #expect(
+                    expected[collection + "/" + record.key]
+                        == Element(
+                            collection: collection, key: record.key, version: record.version, value: record.value))
+            }
+        }
     }
 
     @Test func theFeedSurvivesReopening() async throws {
