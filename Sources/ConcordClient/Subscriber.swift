@@ -543,7 +543,8 @@ public final class Subscriber: Service, Sendable {
 
 /// Writes what the stream reader parsed, behind it: the reader queues whole transactions and
 /// goes on parsing; one writer task takes everything that waits (up to the newest checkpoint)
-/// as a single batch. The reader waits only when `maxBacklog` stream items are queued.
+/// as a single batch. With more than `maxBacklog` stream items queued, the reader waits until
+/// the writer takes its next batch: memory stays near that bound, not exactly under it.
 final class ApplyPipeline: Sendable {
     private struct State: Sendable {
         var backlog = ApplyBacklog()
@@ -568,7 +569,8 @@ final class ApplyPipeline: Sendable {
     var mustStop: Bool { stopRequested.load(ordering: .acquiring) }
 
     /// Queues `items`, whole transactions ending at `through`, and the checkpoint after them;
-    /// rethrows a failed batch's error. Waits while the backlog is full.
+    /// rethrows a failed batch's error. Past `maxBacklog` queued items, waits for the writer to
+    /// take its next batch.
     func submit(_ items: [StreamItem], through: LSN?, checkpoint: Checkpoint?) async throws {
         let full = try state.withLock { state throws -> Bool in
             if let failure = state.failure { throw failure }
