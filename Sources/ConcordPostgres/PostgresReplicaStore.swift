@@ -398,11 +398,18 @@ public final class PostgresReplicaStore: ReplicaStoring {
         }
     }
 
-    /// In LSN order the last change of each key decides its row.
+    /// In LSN order the last change of each key decides its row. Rows of keys the table does
+    /// not hold go in by COPY (a replica following a source's first load gets only those); the
+    /// check is on the table, not on the changes' before-elements, so a row inserted behind
+    /// Concord's back is overwritten rather than failing the batch.
     private func writeOrdered(_ batch: CollectionBatch, into collection: String, in db: PostgresSource) async throws {
         let (upserts, deletes) = batch.split()
         for rows in upserts.chunks() where !rows.keys.isEmpty {
-            try await upsert(rows, into: collection, in: db)
+            if try await holdsNone(of: rows.keys, in: collection, in: db) {
+                try await copy(rows, into: collection, in: db)
+            } else {
+                try await upsert(rows, into: collection, in: db)
+            }
         }
         for rows in deletes.chunks() { try await delete(rows.keys, from: collection, in: db) }
     }
@@ -467,13 +474,17 @@ public final class PostgresReplicaStore: ReplicaStoring {
     /// nothing to merge with, and its records go in by COPY (every page of a first bootstrap
     /// but those that changes applied meanwhile reached).
     func holdsNone(of page: SnapshotPage, in db: PostgresSource) async throws -> Bool {
+        try await holdsNone(of: page.records.map(\.key), in: page.collection, in: db)
+    }
+
+    func holdsNone(of keys: [String], in collection: String, in db: PostgresSource) async throws -> Bool {
         var binds = PostgresBindings()
-        binds.append(page.records.map(\.key))
-        binds.append(page.collection)
+        binds.append(keys)
+        binds.append(collection)
         let held = try await db.rows(
             PostgresQuery(
                 unsafeSQL: """
-                    SELECT EXISTS (SELECT 1 FROM \(table(page.collection)) WHERE key = ANY($1::text[]))
+                    SELECT EXISTS (SELECT 1 FROM \(table(collection)) WHERE key = ANY($1::text[]))
                         OR EXISTS (SELECT 1 FROM \(table("concord_tombstones"))
                             WHERE collection = $2 AND key = ANY($1::text[]))
                     """, binds: binds))
@@ -482,11 +493,12 @@ public final class PostgresReplicaStore: ReplicaStoring {
 
     /// Inserts records none of whose keys the table holds, with COPY: several times less work
     /// for the server than a merging INSERT, which is what bounds a bootstrap into PostgreSQL.
-    func copy(_ records: [Record], into collection: String, in db: PostgresSource) async throws {
+    func copy(_ rows: RowColumns, into collection: String, in db: PostgresSource) async throws {
         var text: [UInt8] = []
-        text.reserveCapacity(records.reduce(0) { $0 + $1.key.utf8.count + $1.value.utf8.count + 24 })
-        for record in records {
-            PostgresCopyText.appendRow([record.key, String(record.version), record.value], to: &text)
+        text.reserveCapacity(
+            rows.keys.reduce(0) { $0 + $1.utf8.count + 24 } + rows.values.reduce(0) { $0 + $1.utf8.count })
+        for index in rows.keys.indices {
+            PostgresCopyText.appendRow([rows.keys[index], String(rows.versions[index]), rows.values[index]], to: &text)
         }
         // Qualified, never found through the search path, where pg_catalog comes first.
         try await db.copy(
@@ -561,7 +573,7 @@ public final class PostgresReplicaStore: ReplicaStoring {
             if sweep { try await self.sweep(page, after: cursor, in: db) }
             if !page.records.isEmpty {
                 if try await holdsNone(of: page, in: db) {
-                    try await copy(page.records, into: page.collection, in: db)
+                    try await copy(RowColumns(page.records), into: page.collection, in: db)
                 } else {
                     try await mergeUpsert(RowColumns(page.records), into: page.collection, in: db)
                 }

@@ -157,6 +157,62 @@ extension PostgresCaptureTests {
         await replica.close()
     }
 
+    /// Once following, a batch of changes whose keys the table does not hold goes in by COPY,
+    /// any other by a merging INSERT: awkward keys and values come back exact, and a row
+    /// inserted behind Concord's back under a key a change creates is overwritten, not a failure.
+    @Test func followingChangesOfNewKeysAreCopiedAndOthersMerged() async throws {
+        let url = try await PostgresHarness.database()
+        let replica = try await PostgresReplicaStore.open(
+            url: url, configuration: .init(schema: "stream"), logger: Harness.logger)
+        let collection = "items"
+        _ = try await replica.initialize(
+            feedID: "feed", source: "http://127.0.0.1:1", head: 0, collections: [collection], filter: nil)
+        try await replica.apply(SnapshotPage(collection: collection, lsn: 0, records: [], hasMore: false))
+        #expect(try await replica.completeBootstrapIfReady())
+        func upsert(_ lsn: LSN, _ key: String, _ value: String, commit: Bool = false) -> StreamItem {
+            .change(
+                Change(lsn: lsn, collection: collection, key: key, operation: .upsert, value: value, isCommit: commit))
+        }
+        let awkward = ["a\tb", "line\nbreak", "back\\slash", "cr\rlf", "é ü", "\\.", "\\N"]
+        var expected: [String: Record] = [:]
+        var items: [StreamItem] = []
+        for (index, key) in awkward.enumerated() {
+            let value = "{\"s\":\t\"x\\\\y\\\"\(index)\"}\n"
+            items.append(upsert(LSN(index + 1), key, value, commit: index == awkward.count - 1))
+            expected[key] = Record(key: key, version: LSN(index + 1), value: value)
+        }
+        let probe = SnapshotPage(
+            collection: collection, lsn: 0, records: awkward.map { Record(key: $0, version: 1, value: "{}") },
+            hasMore: false)
+        #expect(try await replica.copies(probe))
+        try await replica.apply(items, through: LSN(awkward.count))
+        // A row written with plain SQL under a key the next batch creates, beside updates of held keys.
+        let session = try await SQLSession.connect(url)
+        try await session.run(
+            #"INSERT INTO stream.items (key, version, value) VALUES ('intruder', 1, '{"by":"hand"}')"#)
+        await session.close()
+        let next = LSN(awkward.count)
+        let mixed = [
+            upsert(next + 1, "intruder", #"{"by":"concord"}"#),
+            upsert(next + 2, awkward[0], #"{"updated":true}"#),
+            upsert(next + 3, "fresh", #"{"new":true}"#, commit: true),
+        ]
+        #expect(
+            try await !replica.copies(
+                SnapshotPage(
+                    collection: collection, lsn: 0,
+                    records: [
+                        Record(key: "intruder", version: 1, value: "{}"), Record(key: "fresh", version: 1, value: "{}"),
+                    ], hasMore: false)))
+        try await replica.apply(mixed, through: next + 3)
+        expected["intruder"] = Record(key: "intruder", version: next + 1, value: #"{"by":"concord"}"#)
+        expected[awkward[0]] = Record(key: awkward[0], version: next + 2, value: #"{"updated":true}"#)
+        expected["fresh"] = Record(key: "fresh", version: next + 3, value: #"{"new":true}"#)
+        let stored = try await replica.records(of: collection)
+        #expect(Dictionary(uniqueKeysWithValues: stored.map { ($0.key, $0) }) == expected)
+        await replica.close()
+    }
+
     @Test func aReplicaSchemaThatDoesNotExistIsReported() async throws {
         let url = try await PostgresHarness.database()
         let (status, message) = try Self.run(["status", "--postgres", url, "--schema", "nowhere"])
