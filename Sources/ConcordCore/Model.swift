@@ -138,9 +138,19 @@ public struct WriteOperation: Sendable, Hashable {
     public var operation: ChangeOperation
     /// Compact JSON text; `nil` for a delete.
     public var value: String?
+    /// The value is JSON that Concord wrote itself or has already parsed and compacted: the
+    /// publisher stores it as it is instead of parsing it again. Never set for text from outside.
+    package var valueIsChecked = false
 
     public static func upsert(_ collection: String, _ key: String, json value: String) -> WriteOperation {
         WriteOperation(collection: collection, key: key, operation: .upsert, value: value)
+    }
+
+    /// An upsert of `value`, compact JSON that Concord wrote or parsed itself (see ``valueIsChecked``).
+    package static func upsert(_ collection: String, _ key: String, checkedJSON value: String) -> WriteOperation {
+        var operation = WriteOperation(collection: collection, key: key, operation: .upsert, value: value)
+        operation.valueIsChecked = true
+        return operation
     }
 
     public static func delete(_ collection: String, _ key: String) -> WriteOperation {
@@ -152,5 +162,18 @@ public struct WriteOperation: Sendable, Hashable {
         self.key = key
         self.operation = operation
         self.value = value
+    }
+
+    /// Two operations are equal when they write the same thing, checked or not.
+    public static func == (left: WriteOperation, right: WriteOperation) -> Bool {
+        left.collection == right.collection && left.key == right.key && left.operation == right.operation
+            && left.value == right.value
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(collection)
+        hasher.combine(key)
+        hasher.combine(operation)
+        hasher.combine(value)
     }
 }

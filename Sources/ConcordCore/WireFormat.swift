@@ -393,7 +393,7 @@ public enum WireFormat {
                         throw ConcordError(
                             .tooLarge, "changes[\(position)]: value larger than \(limits.maxValueBytes) bytes")
                     }
-                    operations.append(.upsert(collection, key, json: scanner.compactText(value)))
+                    operations.append(.upsert(collection, key, checkedJSON: scanner.compactText(value)))
                 case "delete":
                     guard value == nil else {
                         throw ConcordError(.invalidRequest, "changes[\(position)]: a delete takes no \"value\"")

@@ -331,6 +331,7 @@ public final class PostgresCapture: Service, Sendable {
         let sql =
             "SELECT \(select) FROM \(PostgresSource.quote(table.schema)).\(PostgresSource.quote(table.name)) ORDER BY \(order)"
         var seen = Set<String>()
+        var rowCount = 0
         var batch: [WriteOperation] = []
         var writing: Task<Void, any Error>?
         var copied = 0
@@ -348,12 +349,17 @@ public final class PostgresCapture: Service, Sendable {
                                 name: column.name, json: PostgresDecoding.json(text: text, typeOID: column.typeOID)))
                     }
                     let key = try PostgresDecoding.key(columns, keyColumns: table.keyColumns)
+                    // Built here from column values PostgresDecoding.json made: JSON already.
                     let value = PostgresDecoding.value(columns)
-                    seen.insert(key)
-                    if existing.contains(key), try await store.value(of: table.collection, key: key) == value {
-                        continue
+                    rowCount += 1
+                    // Only a collection that already held records can have some to delete.
+                    if !existing.isEmpty {
+                        seen.insert(key)
+                        if existing.contains(key), try await store.value(of: table.collection, key: key) == value {
+                            continue
+                        }
                     }
-                    batch.append(.upsert(table.collection, key, json: value))
+                    batch.append(.upsert(table.collection, key, checkedJSON: value))
                     if batch.count >= configuration.copyBatch {
                         // Written while the next rows are fetched and encoded.
                         try await writing?.value
@@ -380,7 +386,7 @@ public final class PostgresCapture: Service, Sendable {
         logger.info(
             "table copied",
             metadata: [
-                "table": "\(table.schema).\(table.name)", "rows": "\(seen.count)", "written": "\(copied)",
+                "table": "\(table.schema).\(table.name)", "rows": "\(rowCount)", "written": "\(copied)",
                 "seconds": "\((ContinuousClock.now - started).components.seconds)",
             ])
     }

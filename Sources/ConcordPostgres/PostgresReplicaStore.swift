@@ -399,13 +399,15 @@ public final class PostgresReplicaStore: ReplicaStoring {
     }
 
     /// In LSN order the last change of each key decides its row. Rows of keys the table does
-    /// not hold go in by COPY (a replica following a source's first load gets only those); the
-    /// check is on the table, not on the changes' before-elements, so a row inserted behind
+    /// not hold go in by COPY (a replica following a source's first load gets only those). A
+    /// batch that replaces a record at the source (a change with a before-element) is merged
+    /// without asking; otherwise the table is asked, not the changes, so a row inserted behind
     /// Concord's back is overwritten rather than failing the batch.
     private func writeOrdered(_ batch: CollectionBatch, into collection: String, in db: PostgresSource) async throws {
         let (upserts, deletes) = batch.split()
+        let onlyNewKeys = batch.changes.allSatisfy { $0.before == nil }
         for rows in upserts.chunks() where !rows.keys.isEmpty {
-            if try await holdsNone(of: rows.keys, in: collection, in: db) {
+            if onlyNewKeys, try await holdsNone(of: rows.keys, in: collection, in: db) {
                 try await copy(rows, into: collection, in: db)
             } else {
                 try await upsert(rows, into: collection, in: db)

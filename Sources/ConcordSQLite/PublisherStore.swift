@@ -180,8 +180,10 @@ public final class PublisherStore: Sendable {
                 guard value.utf8.count <= limits.maxValueBytes else {
                     throw ConcordError(.tooLarge, "value larger than \(limits.maxValueBytes) bytes")
                 }
-                let scanner = JSONScanner(value, maxDepth: limits.maxDepth)
-                checked[index].value = scanner.compactText(try scanner.document())
+                if !operation.valueIsChecked {
+                    let scanner = JSONScanner(value, maxDepth: limits.maxDepth)
+                    checked[index].value = scanner.compactText(try scanner.document())
+                }
             } else if operation.operation == .upsert {
                 throw ConcordError(.invalidRequest, "an upsert needs a value")
             }

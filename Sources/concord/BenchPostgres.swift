@@ -137,6 +137,15 @@ extension Bench {
                 format:
                     "  Concord: initial sync %.2f s (the publisher held every row after %.2f s; the replica is verified at the head)",
                 concordSync, captured ?? 0))
+        // CPU per row tells a change in Concord's own work apart from the machine's noise, which
+        // moves the wall clock by a fifth between runs.
+        let publisherCPU = ProcessCPU.seconds(of: publisher.processIdentifier)
+        let followerCPU = ProcessCPU.seconds(of: follower.processIdentifier)
+        say(
+            String(
+                format:
+                    "    CPU per row: %.1f µs in the publisher, %.1f µs in the subscriber (their PostgreSQL servers not counted)",
+                publisherCPU * 1e6 / Double(rows), followerCPU * 1e6 / Double(rows)))
         let headBefore = try await feedClient.feed().head
         started = ContinuousClock.now
         try await source.run("UPDATE src SET v = v || ' ' WHERE id <= \(updates)")
@@ -155,6 +164,12 @@ extension Bench {
                 format:
                     "  Concord: %d updates in %.2f s (%.0f rows/s; captured into the publisher after %.2f s), verified at the head after %.2f s",
                 updates, concordApply, Double(updates) / concordApply, capturedUpdate ?? concordApply, concordVerified))
+        let publisherUpdateCPU = ProcessCPU.seconds(of: publisher.processIdentifier) - publisherCPU
+        let followerUpdateCPU = ProcessCPU.seconds(of: follower.processIdentifier) - followerCPU
+        say(
+            String(
+                format: "    CPU per row: %.1f µs in the publisher, %.1f µs in the subscriber",
+                publisherUpdateCPU * 1e6 / Double(updates), followerUpdateCPU * 1e6 / Double(updates)))
 
         // A second replica of the same publisher: what each further replica costs once the
         // source is captured (PostgreSQL's subscription copies from the source table each time).

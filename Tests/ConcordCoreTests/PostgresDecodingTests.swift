@@ -79,6 +79,23 @@ import Testing
         #expect(PostgresDecoding.json(text: "line\nbreak", typeOID: 25) == #""line\nbreak""#)
     }
 
+    /// A copied row's value goes into the log without being parsed again: what the column
+    /// values become must be compact JSON for every type and every text PostgreSQL prints.
+    @Test func copiedRowsAreCompactJSONForEveryColumnType() throws {
+        let printed: [(UInt32, String?)] = [
+            (20, "-9223372036854775808"), (21, "7"), (23, "0"), (26, "4294967295"), (700, "1e+20"),
+            (701, "-1.5e-07"), (701, "-0"), (701, "Infinity"), (1700, "123.450"), (1700, "NaN"), (16, "t"),
+            (17, "00ff"), (25, "tab\there \"quoted\" \\ back\u{1}"), (3802, #"{"a": [1, 2]}"#), (1082, "2026-11-24"),
+            (25, nil), (25, "é ü 😀"),
+        ]
+        let columns = printed.enumerated().map { index, cell in
+            PostgresDecoding.Column(name: "c\(index)", json: PostgresDecoding.json(text: cell.1, typeOID: cell.0))
+        }
+        let value = PostgresDecoding.value(columns)
+        let scanner = JSONScanner(value)
+        #expect(scanner.compactText(try scanner.document()) == value)
+    }
+
     @Test func anUpdateWithoutItsOutOfLineValueKeepsThePreviousOne() throws {
         let previous = #"{"id":1,"body":"long text","version":1}"#
         let update = [Column(name: "id", json: "1"), Column(name: "version", json: "2")]

@@ -122,6 +122,8 @@ import Testing
             #"{"changes":[{"collection":"users","key":"42","op":"upsert","value":{ "n" : 1 }},{"collection":"users","key":"7","op":"delete"}]}"#
         let operations = try WireFormat.decodeWriteRequest(Array(body.utf8))
         #expect(operations == [.upsert("users", "42", json: #"{"n":1}"#), .delete("users", "7")])
+        // Parsed and compacted here, so the publisher does not parse it again.
+        #expect(operations[0].valueIsChecked)
         #expect(try WireFormat.decodeWriteRequest(WireFormat.encodeWriteRequest(operations)) == operations)
     }
 
