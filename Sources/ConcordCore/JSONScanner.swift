@@ -81,33 +81,7 @@ public struct JSONScanner {
         guard index < bytes.count, bytes[index] == UInt8(ascii: "{") else {
             throw ConcordError(.invalidRequest, "expected a JSON object")
         }
-        index += 1
-        skipWhitespace(&index)
-        if index < bytes.count, bytes[index] == UInt8(ascii: "}") {
-            index += 1
-        } else {
-            while true {
-                skipWhitespace(&index)
-                let name = try parseString(at: &index)
-                skipWhitespace(&index)
-                guard index < bytes.count, bytes[index] == UInt8(ascii: ":") else {
-                    throw Self.error("expected ':'", at: index)
-                }
-                index += 1
-                let member = try parseValue(at: &index, depth: 1)
-                try body(name, member)
-                skipWhitespace(&index)
-                guard index < bytes.count else { throw Self.error("unterminated object", at: index) }
-                if bytes[index] == UInt8(ascii: ",") {
-                    index += 1
-                } else if bytes[index] == UInt8(ascii: "}") {
-                    index += 1
-                    break
-                } else {
-                    throw Self.error("expected ',' or '}'", at: index)
-                }
-            }
-        }
+        try parseObject(at: &index, depth: 0, body)
         while index < range.upperBound, Self.isWhitespace(bytes[index]) { index += 1 }
         guard index == range.upperBound else { throw Self.error("unexpected text after the JSON value", at: index) }
     }
@@ -275,33 +249,8 @@ public struct JSONScanner {
         let start = index
         switch bytes[index] {
         case UInt8(ascii: "{"):
-            guard depth < maxDepth else { throw Self.error("nested deeper than \(maxDepth) levels", at: index) }
-            index += 1
-            skipWhitespace(&index)
-            if index < bytes.count, bytes[index] == UInt8(ascii: "}") {
-                index += 1
-                return Value(kind: .object, range: start..<index)
-            }
-            while true {
-                skipWhitespace(&index)
-                _ = try parseString(at: &index)
-                skipWhitespace(&index)
-                guard index < bytes.count, bytes[index] == UInt8(ascii: ":") else {
-                    throw Self.error("expected ':'", at: index)
-                }
-                index += 1
-                _ = try parseValue(at: &index, depth: depth + 1)
-                skipWhitespace(&index)
-                guard index < bytes.count else { throw Self.error("unterminated object", at: index) }
-                if bytes[index] == UInt8(ascii: ",") {
-                    index += 1
-                } else if bytes[index] == UInt8(ascii: "}") {
-                    index += 1
-                    return Value(kind: .object, range: start..<index)
-                } else {
-                    throw Self.error("expected ',' or '}'", at: index)
-                }
-            }
+            try parseObject(at: &index, depth: depth) { _, _ in }
+            return Value(kind: .object, range: start..<index)
         case UInt8(ascii: "["):
             guard depth < maxDepth else { throw Self.error("nested deeper than \(maxDepth) levels", at: index) }
             index += 1
@@ -339,6 +288,41 @@ public struct JSONScanner {
             return Value(kind: .number, range: start..<index)
         default:
             throw Self.error("unexpected character", at: index)
+        }
+    }
+
+    /// Parses the object whose `{` is at `index`, at nesting `depth`, calling `body` with each
+    /// member's name and value as it reaches them; leaves `index` just past the `}`.
+    func parseObject(
+        at index: inout Int, depth: Int, _ body: (Value, Value) throws(ConcordError) -> Void
+    ) throws(ConcordError) {
+        guard depth < maxDepth else { throw Self.error("nested deeper than \(maxDepth) levels", at: index) }
+        index += 1
+        skipWhitespace(&index)
+        if index < bytes.count, bytes[index] == UInt8(ascii: "}") {
+            index += 1
+            return
+        }
+        while true {
+            skipWhitespace(&index)
+            let name = try parseString(at: &index)
+            skipWhitespace(&index)
+            guard index < bytes.count, bytes[index] == UInt8(ascii: ":") else {
+                throw Self.error("expected ':'", at: index)
+            }
+            index += 1
+            let member = try parseValue(at: &index, depth: depth + 1)
+            try body(name, member)
+            skipWhitespace(&index)
+            guard index < bytes.count else { throw Self.error("unterminated object", at: index) }
+            if bytes[index] == UInt8(ascii: ",") {
+                index += 1
+            } else if bytes[index] == UInt8(ascii: "}") {
+                index += 1
+                return
+            } else {
+                throw Self.error("expected ',' or '}'", at: index)
+            }
         }
     }
 
