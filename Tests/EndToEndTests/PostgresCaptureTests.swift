@@ -2,6 +2,7 @@ import ConcordClient
 import ConcordCore
 import ConcordSQLite
 import Foundation
+import GRDB
 import NIOCore
 import Synchronization
 import Testing
@@ -50,18 +51,30 @@ import Testing
         "s_" + (URLComponents(string: url)?.path.dropFirst() ?? "")
     }
 
-    /// Writes the sentinel row, then waits until the replica holds it and is verified at the publisher's head.
+    /// Writes the sentinel row, then waits until the publisher's capture has passed its commit
+    /// and the replica holds it and is verified at the publisher's head.
+    ///
+    /// A copy after a dropped slot can bring the sentinel ahead of older changes the slot still
+    /// replays, so holding it proves nothing alone: the publisher must be streaming and its slot
+    /// confirmed past the sentinel's commit (the publisher moves it only once its log holds the
+    /// changes, and a slot made after the sentinel starts past it, with the copy holding it).
     static func waitForSentinel(
         _ replica: any ReplicaStoring, url: String, log: URL, timeout: Duration = .seconds(90)
     ) async throws {
         let session = try await SQLSession.connect(url)
+        let walBefore = try await session.texts("SELECT pg_current_wal_insert_lsn()::text").first?.first ?? nil
         try await session.run("INSERT INTO sentinels VALUES (1)")
         await session.close()
+        let sentinelAfter = try #require(walBefore.flatMap(PostgresDecoding.lsn))
+        let publisherDB = log.deletingLastPathComponent().appendingPathComponent("source.sqlite").path
         do {
             try await Harness.waitUntil("the replica holds the sentinel and is verified", timeout: timeout) {
-                guard let state = try await replica.state(), state.progress.phase == .following else { return false }
+                guard let capture = try? Self.capture(of: publisherDB), capture.streaming,
+                    try await Self.confirmedLSN(url: url) > sentinelAfter,
+                    let state = try await replica.state(), state.progress.phase == .following
+                else { return false }
                 let held = try await replica.records(of: "sentinels").contains { $0.key == "1" }
-                return held && state.position == state.sourceHead && state.verifiedLSN == state.position
+                return held && state.position == capture.head && state.verifiedLSN == state.position
             }
         } catch {
             // What the publisher said is the first thing to read.
@@ -69,6 +82,28 @@ import Testing
             Issue.record("concord serve's log:\n\(text.split(separator: "\n").suffix(30).joined(separator: "\n"))")
             throw error
         }
+    }
+
+    /// Whether a publisher's capture has finished copying, and its head, from its file.
+    static func capture(of publisherDB: String) throws -> (streaming: Bool, head: LSN) {
+        var configuration = Configuration()
+        configuration.readonly = true
+        let queue = try DatabaseQueue(path: publisherDB, configuration: configuration)
+        return try queue.read { db in
+            let phase = try String.fetchOne(db, sql: "SELECT value FROM concord_markers WHERE name = 'postgres.phase'")
+            let head = try Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1") ?? 0
+            return (phase == "streaming", LSN(head))
+        }
+    }
+
+    /// How far the test database's slot is confirmed (0 while it does not exist).
+    static func confirmedLSN(url: String) async throws -> UInt64 {
+        let session = try await SQLSession.connect(url)
+        let rows = try await session.texts(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '\(slot(url))'")
+        await session.close()
+        let text = rows.first?.first ?? nil
+        return text.flatMap(PostgresDecoding.lsn) ?? 0
     }
 
     /// Compares a replica's collection with the rows an SQL query returns, column by column.
