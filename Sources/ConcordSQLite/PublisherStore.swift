@@ -159,7 +159,21 @@ public final class PublisherStore: Sendable {
     /// operations only the marker is written, and the head stays.
     @discardableResult
     public func write(_ operations: [WriteOperation], marker: (name: String, value: String)?) async throws -> LSN {
-        if operations.isEmpty, let marker {
+        guard !operations.isEmpty || marker != nil else {
+            throw ConcordError(.invalidRequest, "a write needs at least one change")
+        }
+        return try await write(transactions: [operations], marker: marker)
+    }
+
+    /// Appends `transactions` in order, each one atomic in the log as a write of its own, in a
+    /// single SQLite transaction that also sets the marker: a capture commits every source
+    /// transaction of one poll at once instead of paying a commit for each. Empty transactions
+    /// are left out; with none left only the marker is written, and the head stays.
+    @discardableResult
+    public func write(transactions: [[WriteOperation]], marker: (name: String, value: String)?) async throws -> LSN {
+        let transactions = transactions.filter { !$0.isEmpty }
+        guard !transactions.isEmpty else {
+            guard let marker else { throw ConcordError(.invalidRequest, "a write needs at least one change") }
             do {
                 try await pool.write { db in try Self.setMarker(marker, in: db) }
             } catch {
@@ -167,28 +181,12 @@ public final class PublisherStore: Sendable {
             }
             return head
         }
-        guard !operations.isEmpty else { throw ConcordError(.invalidRequest, "a write needs at least one change") }
-        let limits = configuration.limits
-        var checked = operations
-        for index in checked.indices {
-            let operation = checked[index]
-            try CollectionName.validate(operation.collection)
-            guard !operation.key.isEmpty, operation.key.utf8.count <= limits.maxKeyBytes else {
-                throw ConcordError(.invalidRequest, "key must be 1 to \(limits.maxKeyBytes) bytes")
-            }
-            if let value = operation.value {
-                guard value.utf8.count <= limits.maxValueBytes else {
-                    throw ConcordError(.tooLarge, "value larger than \(limits.maxValueBytes) bytes")
-                }
-                if !operation.valueIsChecked {
-                    let scanner = JSONScanner(value, maxDepth: limits.maxDepth)
-                    checked[index].value = scanner.compactText(try scanner.document())
-                }
-            } else if operation.operation == .upsert {
-                throw ConcordError(.invalidRequest, "an upsert needs a value")
-            }
+        var checked = transactions
+        for transaction in checked.indices {
+            try validate(&checked[transaction])
         }
         let batch = checked
+        let count = LSN(batch.reduce(0) { $0 + $1.count })
         let last: LSN
         do {
             last = try await pool.write { db in
@@ -196,7 +194,7 @@ public final class PublisherStore: Sendable {
                 if let marker { try Self.setMarker(marker, in: db) }
                 let policy = self.configuration.checkpoints
                 let due = ContinuousClock.now - self.lastCheckpoint.withLock { $0 } >= policy.interval
-                if due || policy.crossesBoundary(from: last - LSN(batch.count), to: last) {
+                if due || policy.crossesBoundary(from: last - count, to: last) {
                     try Self.recordCheckpoint(at: last, in: db)
                     self.lastCheckpoint.withLock { $0 = .now }
                 }
@@ -212,6 +210,29 @@ public final class PublisherStore: Sendable {
         }
         headWatch.advance(to: last)
         return last
+    }
+
+    /// Checks names, sizes and values against the limits; compacts values not checked before.
+    private func validate(_ operations: inout [WriteOperation]) throws {
+        let limits = configuration.limits
+        for index in operations.indices {
+            let operation = operations[index]
+            try CollectionName.validate(operation.collection)
+            guard !operation.key.isEmpty, operation.key.utf8.count <= limits.maxKeyBytes else {
+                throw ConcordError(.invalidRequest, "key must be 1 to \(limits.maxKeyBytes) bytes")
+            }
+            if let value = operation.value {
+                guard value.utf8.count <= limits.maxValueBytes else {
+                    throw ConcordError(.tooLarge, "value larger than \(limits.maxValueBytes) bytes")
+                }
+                if !operation.valueIsChecked {
+                    let scanner = JSONScanner(value, maxDepth: limits.maxDepth)
+                    operations[index].value = scanner.compactText(try scanner.document())
+                }
+            } else if operation.operation == .upsert {
+                throw ConcordError(.invalidRequest, "an upsert needs a value")
+            }
+        }
     }
 
     static func setMarker(_ marker: (name: String, value: String), in db: Database) throws {
@@ -257,7 +278,7 @@ public final class PublisherStore: Sendable {
         }
     }
 
-    private static func append(_ operations: [WriteOperation], in db: Database) throws -> (LSN, [ElementChange]) {
+    private static func append(_ transactions: [[WriteOperation]], in db: Database) throws -> (LSN, [ElementChange]) {
         let head = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
         let now = Int(Date().timeIntervalSince1970 * 1000)
         let find = RawStatement(
@@ -282,52 +303,54 @@ public final class PublisherStore: Sendable {
         var countDeltas: [String: Int] = [:]
         var digests: [String: CollectionDigest] = [:]
         var touched: [ElementChange] = []
-        touched.reserveCapacity(operations.count)
+        touched.reserveCapacity(transactions.reduce(0) { $0 + $1.count })
         var lsn = head
-        for (index, operation) in operations.enumerated() {
-            lsn += 1
-            find.bind(1, operation.collection)
-            find.bind(2, operation.key)
-            let existed = try find.step()
-            let before =
-                existed
-                ? Element(
-                    collection: operation.collection, key: operation.key, version: LSN(find.int64(0)),
-                    value: find.text(1)) : nil
-            find.reset()
-            if digests[operation.collection] == nil {
-                digests[operation.collection] = try Self.storedDigest(of: operation.collection, in: db)
+        for operations in transactions {
+            for (index, operation) in operations.enumerated() {
+                lsn += 1
+                find.bind(1, operation.collection)
+                find.bind(2, operation.key)
+                let existed = try find.step()
+                let before =
+                    existed
+                    ? Element(
+                        collection: operation.collection, key: operation.key, version: LSN(find.int64(0)),
+                        value: find.text(1)) : nil
+                find.reset()
+                if digests[operation.collection] == nil {
+                    digests[operation.collection] = try Self.storedDigest(of: operation.collection, in: db)
+                }
+                if let before { digests[operation.collection]!.remove(before) }
+                let after = operation.value.map {
+                    Element(collection: operation.collection, key: operation.key, version: lsn, value: $0)
+                }
+                if let after { digests[operation.collection]!.add(after) }
+                touched.append(ElementChange(collection: operation.collection, before: before, after: after))
+                if let value = operation.value, let after {
+                    upsert.bind(1, operation.collection)
+                    upsert.bind(2, operation.key)
+                    upsert.bind(3, lsn)
+                    upsert.bind(4, value)
+                    upsert.bind(5, after.keyHash)
+                    try upsert.run()
+                    if !existed { countDeltas[operation.collection, default: 0] += 1 }
+                } else if existed {
+                    delete.bind(1, operation.collection)
+                    delete.bind(2, operation.key)
+                    try delete.run()
+                    countDeltas[operation.collection, default: 0] -= 1
+                }
+                if countDeltas[operation.collection] == nil { countDeltas[operation.collection] = 0 }
+                log.bind(1, lsn)
+                log.bind(2, operation.collection)
+                log.bind(3, operation.key)
+                log.bind(4, operation.value == nil ? 1 : 0)
+                if let value = operation.value { log.bind(5, value) } else { log.bindNull(5) }
+                log.bind(6, index == operations.count - 1 ? 1 : 0)
+                log.bind(7, now)
+                if let before { log.bind(8, before.description) } else { log.bindNull(8) }
+                try log.run()
             }
-            if let before { digests[operation.collection]!.remove(before) }
-            let after = operation.value.map {
-                Element(collection: operation.collection, key: operation.key, version: lsn, value: $0)
-            }
-            if let after { digests[operation.collection]!.add(after) }
-            touched.append(ElementChange(collection: operation.collection, before: before, after: after))
-            if let value = operation.value, let after {
-                upsert.bind(1, operation.collection)
-                upsert.bind(2, operation.key)
-                upsert.bind(3, lsn)
-                upsert.bind(4, value)
-                upsert.bind(5, after.keyHash)
-                try upsert.run()
-                if !existed { countDeltas[operation.collection, default: 0] += 1 }
-            } else if existed {
-                delete.bind(1, operation.collection)
-                delete.bind(2, operation.key)
-                try delete.run()
-                countDeltas[operation.collection, default: 0] -= 1
-            }
-            if countDeltas[operation.collection] == nil { countDeltas[operation.collection] = 0 }
-            log.bind(1, lsn)
-            log.bind(2, operation.collection)
-            log.bind(3, operation.key)
-            log.bind(4, operation.value == nil ? 1 : 0)
-            if let value = operation.value { log.bind(5, value) } else { log.bindNull(5) }
-            log.bind(6, index == operations.count - 1 ? 1 : 0)
-            log.bind(7, now)
-            if let before { log.bind(8, before.description) } else { log.bindNull(8) }
-            try log.run()
         }
         for (collection, delta) in countDeltas {
             try db.execute(

@@ -29,6 +29,13 @@ struct Bench: AsyncParsableCommand {
 
     @Option(
         help: """
+            For bench postgres: the one-row transactions committed while the replicas are paused, \
+            whose backlog they then catch up on.
+            """)
+    var transactions = 100_000
+
+    @Option(
+        help: """
             For bench postgres: a PostgreSQL 15 server with wal_level=logical and wal2json, as a superuser \
             URL (scripts/bench-postgres.sh starts a throwaway one). Its concord_bench_* databases are replaced.
             """)

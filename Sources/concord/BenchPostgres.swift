@@ -23,7 +23,9 @@ extension Bench {
         let replicaServer = replicaPostgres ?? url
         let admin = try await PostgresAdmin.connect(url, logger: logger)
         let replicaAdmin = try await PostgresAdmin.connect(replicaServer, logger: logger)
-        say("postgres: \(rows) rows of about 225-byte values, then one transaction updating \(updates) of them")
+        say(
+            "postgres: \(rows) rows of about 225-byte values, then one transaction updating \(updates) of them, "
+                + "then a backlog of \(min(transactions, rows)) one-row transactions")
         let replicaDatabases = ["concord_bench_pg", "concord_bench_replica"]
         try await replicaAdmin.resetDatabases(dropping: replicaDatabases, creating: replicaDatabases)
         try await admin.resetDatabases(dropping: ["concord_bench_source"], creating: ["concord_bench_source"])
@@ -70,6 +72,36 @@ extension Bench {
             String(
                 format: "  PostgreSQL logical replication: %d updates in %.2f s (%.0f rows/s)", updates, pgApply,
                 Double(updates) / pgApply))
+        // A backlog of one-row transactions, the shape of a service's everyday writes, committed
+        // while the subscription is disabled; the apply rate is how fast it catches up.
+        try await source.run(
+            """
+            CREATE PROCEDURE concord_bench_touch(n int, mark text) LANGUAGE plpgsql AS $$
+            BEGIN
+              FOR i IN 1..n LOOP
+                UPDATE src SET v = v || mark WHERE id = i;
+                COMMIT;
+              END LOOP;
+            END $$
+            """)
+        let small = min(transactions, rows)
+        try await target.run("ALTER SUBSCRIPTION concord_bench DISABLE")
+        try await Self.poll("PostgreSQL's apply worker stops", timeout: .seconds(30)) {
+            try await source.flag(
+                "SELECT NOT active FROM pg_replication_slots WHERE slot_name = 'concord_bench_pg'")
+        }
+        let pgBacklog = try await Self.backlog(source, transactions: small, mark: "+")
+        say(String(format: "  %d one-row transactions committed at the source in %.2f s", small, pgBacklog))
+        started = ContinuousClock.now
+        try await target.run("ALTER SUBSCRIPTION concord_bench ENABLE")
+        try await Self.poll("PostgreSQL's catch-up", timeout: .seconds(600)) {
+            try await target.flag("SELECT right(v, 1) = '+' FROM src WHERE id = \(small)")
+        }
+        let pgCatchUp = (ContinuousClock.now - started).seconds
+        say(
+            String(
+                format: "  PostgreSQL logical replication: caught up on %d transactions in %.2f s (%.0f/s)", small,
+                pgCatchUp, Double(small) / pgCatchUp))
         try await target.run("ALTER SUBSCRIPTION concord_bench DISABLE")
         try await target.run("ALTER SUBSCRIPTION concord_bench SET (slot_name = NONE)")
         try await target.run("DROP SUBSCRIPTION concord_bench")
@@ -171,6 +203,45 @@ extension Bench {
                 format: "    CPU per row: %.1f µs in the publisher, %.1f µs in the subscriber",
                 publisherUpdateCPU * 1e6 / Double(updates), followerUpdateCPU * 1e6 / Double(updates)))
 
+        // The same backlog, committed while the publisher is paused (SIGSTOP), so its slot holds
+        // it as PostgreSQL's disabled subscription's did.
+        let cpuBeforeBacklog = (
+            ProcessCPU.seconds(of: publisher.processIdentifier), ProcessCPU.seconds(of: follower.processIdentifier)
+        )
+        let headBeforeBacklog = try await feedClient.feed().head
+        kill(publisher.processIdentifier, SIGSTOP)
+        let concordBacklog: Double
+        do {
+            concordBacklog = try await Self.backlog(source, transactions: small, mark: "#")
+        } catch {
+            kill(publisher.processIdentifier, SIGCONT)
+            throw error
+        }
+        say(String(format: "  %d one-row transactions committed at the source in %.2f s", small, concordBacklog))
+        started = ContinuousClock.now
+        kill(publisher.processIdentifier, SIGCONT)
+        var capturedBacklog: Double?
+        try await Self.poll("Concord's catch-up", timeout: .seconds(900)) {
+            if capturedBacklog == nil, try await feedClient.feed().head >= headBeforeBacklog + LSN(small) {
+                capturedBacklog = (ContinuousClock.now - started).seconds
+            }
+            return try await replica.flag("SELECT value LIKE '%#\"}' FROM concord.src WHERE key = '\(small)'")
+        }
+        let concordCatchUp = (ContinuousClock.now - started).seconds
+        try await Self.poll("Concord's verification", timeout: .seconds(300)) { try await verifiedAtHead() }
+        let concordCatchUpVerified = (ContinuousClock.now - started).seconds
+        say(
+            String(
+                format:
+                    "  Concord: caught up on %d transactions in %.2f s (%.0f/s; captured into the publisher after %.2f s), verified at the head after %.2f s",
+                small, concordCatchUp, Double(small) / concordCatchUp, capturedBacklog ?? concordCatchUp,
+                concordCatchUpVerified))
+        say(
+            String(
+                format: "    CPU per transaction: %.1f µs in the publisher, %.1f µs in the subscriber",
+                (ProcessCPU.seconds(of: publisher.processIdentifier) - cpuBeforeBacklog.0) * 1e6 / Double(small),
+                (ProcessCPU.seconds(of: follower.processIdentifier) - cpuBeforeBacklog.1) * 1e6 / Double(small)))
+
         // A second replica of the same publisher: what each further replica costs once the
         // source is captured (PostgreSQL's subscription copies from the source table each time).
         started = ContinuousClock.now
@@ -194,8 +265,10 @@ extension Bench {
         say(
             String(
                 format:
-                    "  ratios (PostgreSQL's time / Concord's; above 1: Concord is faster): sync %.2fx, apply %.2fx, second replica %.2fx",
-                pgSync / concordSync, pgApply / concordApply, pgSync / secondSync))
+                    "  ratios (PostgreSQL's time / Concord's; above 1: Concord is faster): sync %.2fx, apply %.2fx, catch-up on one-row transactions %.2fx, second replica %.2fx",
+                pgSync / concordSync, pgApply / concordApply, pgCatchUp / concordCatchUp, pgSync / secondSync))
+        results["postgres_pg_catch_up_seconds"] = pgCatchUp
+        results["postgres_concord_catch_up_seconds"] = concordCatchUp
         results["postgres_pg_sync_seconds"] = pgSync
         results["postgres_pg_apply_seconds"] = pgApply
         results["postgres_concord_sync_seconds"] = concordSync
@@ -212,6 +285,15 @@ extension Bench {
         }
         await replicaAdmin.close()
         await admin.close()
+    }
+
+    /// Commits `transactions` one-row updates at the source, each appending `mark`; returns the seconds taken.
+    static func backlog(_ source: PostgresAdmin, transactions: Int, mark: String) async throws -> Double {
+        // Not waiting for each commit's flush, as a busy service's source would group them.
+        try await source.run("SET synchronous_commit = off")
+        let started = ContinuousClock.now
+        try await source.run("CALL concord_bench_touch(\(transactions), '\(mark)')")
+        return (ContinuousClock.now - started).seconds
     }
 
     static func child(_ binary: String, _ arguments: [String]) throws -> Process {

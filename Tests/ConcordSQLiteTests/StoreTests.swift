@@ -31,6 +31,35 @@ func temporaryFile(_ name: String) -> String {
         #expect(try await store.records(of: "users") == [Record(key: "2", version: 2, value: "2")])
     }
 
+    @Test func transactionsWrittenTogetherStayAtomicEachAndCommitWithTheirMarker() async throws {
+        let store = try PublisherStore(path: temporaryFile("p.sqlite"))
+        let last = try await store.write(
+            transactions: [
+                [.upsert("users", "1", json: "1"), .upsert("users", "2", json: "2")], [],
+                [.upsert("users", "1", json: #"{ "b" : 2 }"#)], [.delete("users", "2")],
+            ], marker: ("source.position", "41"))
+        #expect(last == 4 && store.head == 4)
+        let items = try await store.items(after: 0, limit: 100)
+        #expect(items.map(\.isCommit) == [false, true, true, true])
+        // A pull never ends inside one of them.
+        #expect(try await store.items(after: 0, limit: 1).map(\.lastLSN) == [1, 2])
+        guard case .change(let replaced) = items[2] else { Issue.record("expected a change"); return }
+        #expect(replaced.value == #"{"b":2}"#)
+        #expect(replaced.before == Element(collection: "users", key: "1", version: 1, value: "1"))
+        #expect(try store.marker("source.position") == "41")
+        #expect(try await store.records(of: "users") == [Record(key: "1", version: 3, value: #"{"b":2}"#)])
+        // Only empty transactions: the marker moves, the head stays.
+        #expect(try await store.write(transactions: [[]], marker: ("source.position", "42")) == 4)
+        #expect(try store.marker("source.position") == "42" && store.head == 4)
+        // One bad value anywhere and none of them is written, nor the marker.
+        await #expect(throws: ConcordError.self) {
+            try await store.write(
+                transactions: [[.upsert("users", "3", json: "3")], [.upsert("users", "4", json: "{bad")]],
+                marker: ("source.position", "43"))
+        }
+        #expect(try store.marker("source.position") == "42" && store.head == 4)
+    }
+
     @Test func aWriteWithInvalidJSONChangesNothing() async throws {
         let store = try PublisherStore(path: temporaryFile("p.sqlite"))
         try await store.write([.upsert("users", "1", json: "1")])

@@ -128,6 +128,15 @@ final class ConcordProcess: @unchecked Sendable {
         process.waitUntilExit()
     }
 
+    /// Stops the process where it is (SIGSTOP), as a long pause would; ``resume()`` lets it go on.
+    func pause() {
+        kill(process.processIdentifier, SIGSTOP)
+    }
+
+    func resume() {
+        kill(process.processIdentifier, SIGCONT)
+    }
+
     /// Sends SIGTERM and returns the exit status.
     func terminate() -> Int32 {
         process.terminate()

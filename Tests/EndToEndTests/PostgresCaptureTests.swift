@@ -170,7 +170,21 @@ import Testing
         let (server, port) = try await Self.serve(folder, url: url)
         let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
         try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
-            try await Self.writeEveryKind(sql)
+            // Paused once it follows the slot, so every transaction reaches the publisher in one
+            // poll and one write: a transaction must see what the ones before it wrote (the
+            // out-of-line note, the lines a truncate removes) before any of it is in its store.
+            let publisherDB = folder.appendingPathComponent("source.sqlite").path
+            try await Harness.waitUntil("the publisher follows the slot", timeout: .seconds(60)) {
+                (try? Self.capture(of: publisherDB))?.streaming == true
+            }
+            server.pause()
+            do {
+                try await Self.writeEveryKind(sql)
+            } catch {
+                server.resume()
+                throw error
+            }
+            server.resume()
             try await Self.waitForSentinel(replica, url: url, log: folder.appendingPathComponent("serve.log"))
         }
         try await Self.expectEqualToTables(replica, sql: sql)
