@@ -175,6 +175,19 @@ EOF
     if ! grep -q "^include_if_exists = 'concord.conf'" "$DATA/postgresql.conf"; then
         printf "\ninclude_if_exists = 'concord.conf'\n" | as_pg tee -a "$DATA/postgresql.conf" >/dev/null
     fi
+    # Everyone is trusted, except two roles (created by the tests that need them) that sign in
+    # with a password the way a production server asks: SCRAM-SHA-256 and MD5.
+    as_pg tee "$DATA/pg_hba.conf" >/dev/null <<EOF
+# Written by scripts/postgres.sh at each start.
+host    all             concord_scram   127.0.0.1/32    scram-sha-256
+host    replication     concord_scram   127.0.0.1/32    scram-sha-256
+host    all             concord_md5     127.0.0.1/32    md5
+host    replication     concord_md5     127.0.0.1/32    md5
+local   all             all                             trust
+local   replication     all                             trust
+host    all             all             127.0.0.1/32    trust
+host    replication     all             127.0.0.1/32    trust
+EOF
 }
 
 start() {

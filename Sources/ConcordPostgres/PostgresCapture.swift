@@ -25,14 +25,11 @@ public final class PostgresCapture: Service, Sendable {
         public var tables: [String]
         /// The replication slot's name: lowercase letters, digits and underscores.
         public var slot = "concord"
-        /// How long to wait before asking again when the slot has no changes.
-        public var pollInterval: Duration = .milliseconds(100)
-        /// Changes asked for at once (whole transactions are always taken; wal2json counts a
-        /// transaction's begin and commit as changes too). Each poll decodes the slot's WAL from
-        /// its restart point, which moves only every few seconds, so a backlog taken in small
-        /// polls is decoded again and again: 100,000 one-row transactions cost the source's
-        /// server 2.9 s of CPU in polls of 10,000 and 1.5 s in polls of 50,000.
-        public var changesPerPoll = 50_000
+        /// How long the log's writer waits before looking again when no transaction is queued.
+        public var pollInterval: Duration = .milliseconds(5)
+        /// Changes read ahead of the log's writer at most; past them the reading waits (a
+        /// larger transaction is still taken whole).
+        public var maxQueuedChanges = 50_000
         /// Records written per Concord transaction during the initial copy. Each transaction
         /// writes every index page it touches in full, and the key-hash index takes new keys in
         /// random order: at 50,000 rows a transaction a million-row copy took 15 s, at 5,000 23 s.
@@ -140,6 +137,9 @@ public final class PostgresCapture: Service, Sendable {
         case "42501":
             return "the role lacks a privilege (\(error.message)): it needs REPLICATION (ALTER ROLE name "
                 + "WITH REPLICATION) and SELECT on every captured table"
+        case "28000" where error.message.contains("replication"):
+            return "PostgreSQL refuses the role a replication connection (\(error.message)): allow it in "
+                + "pg_hba.conf with a line like `host replication ROLE ADDRESS scram-sha-256`, then reload"
         case "58P01":
             return "the wal2json output plugin is missing (\(error.message)): install it "
                 + "(apt-get install postgresql-15-wal2json)"
@@ -169,8 +169,10 @@ public final class PostgresCapture: Service, Sendable {
             if !slotExists || phase != "streaming" {
                 try await copy(tables)
             }
+            // The replication connection is a session of its own.
+            await source.close()
             streaming.store(true, ordering: .relaxed)
-            try await stream(source, tables: tables)
+            try await stream(tables: tables)
         } catch {
             streaming.store(false, ordering: .relaxed)
             await source.close()
@@ -397,67 +399,105 @@ public final class PostgresCapture: Service, Sendable {
 
     // MARK: Streaming
 
-    func stream(_ source: PostgresSource, tables: [Table]) async throws {
+    /// Follows the slot over a replication connection. One task reads the decoded changes and
+    /// builds each source transaction's operations; another writes every transaction queued
+    /// since its last write in one SQLite transaction, then tells the server how far the log
+    /// holds them, so the slot lets go of nothing that is not durable. The server decodes while
+    /// the log is written, and a service's stream of small transactions costs one commit per
+    /// write rather than one each.
+    func stream(tables: [Table]) async throws {
         let byName = Dictionary(tables.map { ("\($0.schema).\($0.name)", $0) }, uniquingKeysWith: { first, _ in first })
         let addTables = tables.map { Self.escapeForWal2JSON($0.schema) + "." + Self.escapeForWal2JSON($0.name) }
             .joined(separator: ",")
-        var applied = PostgresDecoding.lsn(try store.marker(Marker.lsn) ?? "0/0") ?? 0
+        let applied = PostgresDecoding.lsn(try store.marker(Marker.lsn) ?? "0/0") ?? 0
         let slot = configuration.slot
-        let peek = """
-            SELECT data FROM pg_logical_slot_peek_changes('\(slot)', NULL, \(configuration.changesPerPoll),
-                'format-version', '2', 'include-lsn', '1', 'include-transaction', '1', 'include-types', '0',
-                'add-tables', '\(addTables.replacingOccurrences(of: "'", with: "''"))')
-            """
+        let options = [
+            ("format-version", "2"), ("include-lsn", "1"), ("include-transaction", "1"), ("include-types", "0"),
+            ("add-tables", addTables),
+        ]
         logger.info(
             "capturing changes", metadata: ["slot": "\(slot)", "after": "\(PostgresDecoding.lsnText(applied))"])
-        while !(Task.isCancelled || Task.isShuttingDownGracefully) {
-            let rows: [PostgresRow]
-            do {
-                rows = try await source.rows(PostgresQuery(unsafeSQL: peek))
-            } catch {
-                let translated = error
-                if let failure = translated as? CaptureError, failure.sqlState == "42704" {
-                    // The slot was dropped: the changes since are lost to it, so copy again.
-                    logger.warning("replication slot \(slot) is gone; creating it again and copying the tables")
-                    try await store.write([], marker: (Marker.phase, "copying"))
+        let queue = CapturedTransactions(limit: configuration.maxQueuedChanges)
+        let builder = TransactionBuilder(store: store, tables: byName)
+        let store = self.store
+        let idle = configuration.pollInterval
+        do {
+            try await ReplicationConnection.stream(url: configuration.url, slot: slot, options: options, logger: logger)
+            { stream in
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    group.addTask {
+                        try await Self.read(stream.messages, with: builder, into: queue, after: applied)
+                    }
+                    group.addTask {
+                        try await Self.write(queue, to: store, confirmingOn: stream, after: applied, idle: idle)
+                    }
+                    // Neither ends but by an error or a cancellation, which ends the other too.
+                    try await group.next()
+                    group.cancelAll()
                 }
-                throw translated
             }
-            // Every new transaction of the poll goes into the log in one SQLite transaction,
-            // each still atomic on its own there: a commit per source transaction would bound
-            // a service's stream of small writes by the publisher's commit rate.
-            var transactions = TransactionBuilder(store: store, tables: byName)
-            var pending: [[WriteOperation]] = []
-            var lastCommit: UInt64?
-            for row in rows {
-                let record = try PostgresDecoding.record(try row.decode(String.self))
+        } catch let error as CaptureError where error.sqlState == "42704" {
+            // The slot was dropped: the changes since are lost to it, so copy again.
+            logger.warning("replication slot \(slot) is gone; creating it again and copying the tables")
+            try await store.write([], marker: (Marker.phase, "copying"))
+            throw error
+        }
+    }
+
+    /// Turns the streamed wal2json lines into transactions and queues those past `applied`.
+    static func read(
+        _ messages: ReplicationConnection.Messages, with builder: TransactionBuilder, into queue: CapturedTransactions,
+        after applied: UInt64
+    ) async throws {
+        var builder = builder
+        for try await message in messages {
+            switch message {
+            case .data(let line):
+                let record = try PostgresDecoding.record(String(buffer: line))
                 switch record {
                 case .begin:
-                    transactions.begin()
+                    builder.begin()
                 case .commit(let lsn):
-                    let operations = transactions.commit()
+                    let operations = builder.commit()
+                    // Transactions the log already holds come again after a crash: skipped.
                     if lsn > applied {
-                        pending.append(operations)
-                        applied = lsn
+                        try await queue.push(operations, commit: lsn, number: builder.committed)
                     }
-                    lastCommit = lsn
+                    builder.forget(through: queue.durableNumber)
                 case .other:
                     break
                 default:
-                    try await transactions.add(record)
+                    try await builder.add(record)
                 }
+            case .keepalive(_, let replyRequested):
+                if replyRequested { queue.requestReply() }
             }
-            if !pending.isEmpty {
-                try await store.write(transactions: pending, marker: (Marker.lsn, PostgresDecoding.lsnText(applied)))
+        }
+        throw ConcordError(.unavailable, "the replication stream ended")
+    }
+
+    /// Writes what is queued to the log, then confirms it to the server; answers keepalives.
+    static func write(
+        _ queue: CapturedTransactions, to store: PublisherStore, confirmingOn stream: ReplicationConnection.Stream,
+        after applied: UInt64, idle: Duration
+    ) async throws {
+        var durable = applied
+        var lastStatus = ContinuousClock.now
+        while true {
+            try Task.checkCancellation()
+            let batch = queue.takeAll()
+            if let commit = batch.lastCommit {
+                try await store.write(
+                    transactions: batch.transactions, marker: (Marker.lsn, PostgresDecoding.lsnText(commit)))
+                queue.markDurable(through: batch.lastNumber)
+                durable = commit
             }
-            if let lastCommit {
-                // Only now, with the changes durable in the log, may the slot let them go.
-                _ = try await source.rows(
-                    "SELECT end_lsn::text FROM pg_replication_slot_advance(\(slot), \(PostgresDecoding.lsnText(lastCommit))::pg_lsn)"
-                )
-            } else {
-                try await Task.sleep(for: configuration.pollInterval)
+            // The server times out a client silent for wal_sender_timeout (a minute by default).
+            if batch.lastCommit != nil || batch.replyRequested || ContinuousClock.now - lastStatus > .seconds(10) {
+                try await stream.confirm(flushed: durable)
+                lastStatus = .now
             }
+            if batch.lastCommit == nil { try await Task.sleep(for: idle) }
         }
     }
 
@@ -475,13 +515,19 @@ public final class PostgresCapture: Service, Sendable {
 /// The Concord operations of PostgreSQL transactions, built change by change, one transaction
 /// after another in commit order. Values written earlier, by the same transaction or by one
 /// before it that is not in the store yet, are seen by later changes.
-struct TransactionBuilder {
+struct TransactionBuilder: Sendable {
     let store: PublisherStore
     let tables: [String: PostgresCapture.Table]
     /// The operations of the transaction being built.
     private(set) var operations: [WriteOperation] = []
-    /// Records written since the builder was made (`nil`: deleted), by collection and key.
-    private var written: [String: [String: String?]] = [:]
+    /// Transactions ended so far; the one being built has the next number.
+    private(set) var committed = 0
+    /// Records written since the builder was made (`nil`: deleted), by collection and key, with
+    /// the number of the transaction that wrote them.
+    private var written: [String: [String: (value: String?, transaction: Int)]] = [:]
+    private var writtenCount = 0
+    /// Forgetting scans every entry: only once they are twice as many as after the last time.
+    private var forgetAt = 100_000
 
     init(store: PublisherStore, tables: [String: PostgresCapture.Table]) {
         self.store = store
@@ -495,8 +541,21 @@ struct TransactionBuilder {
 
     /// Ends the transaction being built and returns its operations.
     mutating func commit() -> [WriteOperation] {
+        committed += 1
         defer { operations = [] }
         return operations
+    }
+
+    /// Drops what transactions up to number `durable` wrote, now in the store, unless a later
+    /// one wrote the same record again.
+    mutating func forget(through durable: Int) {
+        guard writtenCount >= forgetAt else { return }
+        writtenCount = 0
+        for collection in written.keys {
+            written[collection] = written[collection]!.filter { $0.value.transaction > durable }
+            writtenCount += written[collection]!.count
+        }
+        forgetAt = max(100_000, 2 * writtenCount)
     }
 
     mutating func add(_ record: PostgresDecoding.Record) async throws {
@@ -525,8 +584,8 @@ struct TransactionBuilder {
         case .truncate(let schema, let name):
             guard let table = tables["\(schema).\(name)"] else { return }
             var keys = Set(try await store.keys(of: table.collection))
-            for (key, value) in written[table.collection] ?? [:] {
-                if value == nil { keys.remove(key) } else { keys.insert(key) }
+            for (key, entry) in written[table.collection] ?? [:] {
+                if entry.value == nil { keys.remove(key) } else { keys.insert(key) }
             }
             for key in keys.sorted() { delete(table, key: key) }
         case .begin, .commit, .other:
@@ -535,8 +594,14 @@ struct TransactionBuilder {
     }
 
     func current(_ table: PostgresCapture.Table, key: String) async throws -> String? {
-        if let value = written[table.collection]?[key] { return value }
+        if let entry = written[table.collection]?[key] { return entry.value }
         return try await store.value(of: table.collection, key: key)
+    }
+
+    mutating func remember(_ value: String?, of table: PostgresCapture.Table, key: String) {
+        if written[table.collection, default: [:]].updateValue((value, committed + 1), forKey: key) == nil {
+            writtenCount += 1
+        }
     }
 
     mutating func upsert(_ table: PostgresCapture.Table, key: String, columns: [PostgresDecoding.Column]) {
@@ -551,11 +616,73 @@ struct TransactionBuilder {
         operations.append(
             isCompact ? .upsert(table.collection, key, checkedJSON: value) : .upsert(table.collection, key, json: value)
         )
-        written[table.collection, default: [:]][key] = .some(value)
+        remember(value, of: table, key: key)
     }
 
     mutating func delete(_ table: PostgresCapture.Table, key: String) {
         operations.append(.delete(table.collection, key))
-        written[table.collection, default: [:]][key] = .some(nil)
+        remember(nil, of: table, key: key)
+    }
+}
+
+/// The transactions read from the replication stream and not yet in the log, handed from the
+/// reading task to the writing one.
+final class CapturedTransactions: Sendable {
+    struct Batch {
+        var transactions: [[WriteOperation]] = []
+        /// The commit position of the last transaction, `nil` when none was queued.
+        var lastCommit: UInt64?
+        /// Its number, as the reader counted transactions.
+        var lastNumber = 0
+        var replyRequested = false
+    }
+
+    private struct State {
+        var batch = Batch()
+        var changes = 0
+        var durableNumber = 0
+    }
+
+    let limit: Int
+    private let state = Mutex(State())
+
+    init(limit: Int) {
+        self.limit = limit
+    }
+
+    /// Queues a transaction, waiting first while `limit` changes already wait for the writer;
+    /// a transaction is always taken whole.
+    func push(_ operations: [WriteOperation], commit: UInt64, number: Int) async throws {
+        while state.withLock({ $0.changes > 0 && $0.changes + operations.count > limit }) {
+            try await Task.sleep(for: .milliseconds(2))
+        }
+        state.withLock { state in
+            state.batch.transactions.append(operations)
+            state.batch.lastCommit = commit
+            state.batch.lastNumber = number
+            state.changes += operations.count
+        }
+    }
+
+    func requestReply() {
+        state.withLock { $0.batch.replyRequested = true }
+    }
+
+    /// Everything queued, leaving the queue empty.
+    func takeAll() -> Batch {
+        state.withLock { state in
+            defer {
+                state.batch = Batch()
+                state.changes = 0
+            }
+            return state.batch
+        }
+    }
+
+    /// The number of the last transaction the log holds.
+    var durableNumber: Int { state.withLock { $0.durableNumber } }
+
+    func markDurable(through number: Int) {
+        state.withLock { $0.durableNumber = number }
     }
 }

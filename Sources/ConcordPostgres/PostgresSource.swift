@@ -13,17 +13,42 @@ package struct PostgresSource {
 
     /// The connection settings a `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` URL names.
     package static func configuration(url: String) throws -> PostgresConnection.Configuration {
-        guard let components = URLComponents(string: url), ["postgres", "postgresql"].contains(components.scheme),
-            let host = components.host, let user = components.user
-        else {
-            throw ConcordError(
-                .invalidConfiguration, "--postgres must look like postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
-        }
-        let database = components.path.hasPrefix("/") ? String(components.path.dropFirst()) : components.path
+        let endpoint = try Endpoint(url: url)
         return PostgresConnection.Configuration(
-            host: host, port: components.port ?? 5432, username: user, password: components.password,
-            database: database.isEmpty ? user : database, tls: .disable)
+            host: endpoint.host, port: endpoint.port, username: endpoint.user, password: endpoint.password,
+            database: endpoint.database, tls: .disable)
     }
+
+    /// Where a `postgres://` URL points, and as whom.
+    struct Endpoint {
+        var host: String
+        var port: Int
+        var user: String
+        var password: String?
+        var database: String
+
+        init(url: String) throws {
+            guard let components = URLComponents(string: url),
+                ["postgres", "postgresql"].contains(components.scheme),
+                let host = components.host, let user = components.user
+            else {
+                throw ConcordError(
+                    .invalidConfiguration, "--postgres must look like postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
+            }
+            let database = components.path.hasPrefix("/") ? String(components.path.dropFirst()) : components.path
+            self.host = host
+            port = components.port ?? 5432
+            self.user = user
+            password = components.password
+            self.database = database.isEmpty ? user : database
+        }
+    }
+
+    /// The session settings that fix how values are written, here and in the WAL's decoding.
+    static let settings = [
+        ("TimeZone", "UTC"), ("DateStyle", "ISO, MDY"), ("IntervalStyle", "postgres"), ("extra_float_digits", "1"),
+        ("bytea_output", "hex"),
+    ]
 
     static func connect(url: String, logger: Logger) async throws -> PostgresSource {
         let configuration = try configuration(url: url)
@@ -39,11 +64,8 @@ package struct PostgresSource {
         // wal2json writes values with the decoding session's output functions: pin the settings
         // that change them, here and in the session that reads the initial copy.
         do {
-            for setting in [
-                "SET TimeZone TO 'UTC'", "SET DateStyle TO 'ISO, MDY'", "SET IntervalStyle TO 'postgres'",
-                "SET extra_float_digits TO 1", "SET bytea_output TO 'hex'",
-            ] {
-                try await source.execute(setting)
+            for (name, value) in settings {
+                try await source.execute("SET \(name) TO '\(value)'")
             }
         } catch {
             await source.close()

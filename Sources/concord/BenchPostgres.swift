@@ -124,7 +124,7 @@ extension Bench {
             [
                 "serve", "--db", folder.appendingPathComponent("pg-publisher.sqlite").path, "--port", "0",
                 "--port-file", portFile, "--postgres", sourceURL, "--tables", "public.src", "--slot",
-                "concord_bench_capture", "--poll-interval-ms", "20", "--log-level", "warning",
+                "concord_bench_capture", "--log-level", "warning",
             ])
         defer { Self.stop(publisher) }
         var port = 0

@@ -69,8 +69,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "With --postgres: the replication slot's name.")
     var slot = "concord"
 
-    @Option(help: "With --postgres: milliseconds between polls of an idle slot.")
-    var pollIntervalMs = 100
+    @Option(
+        help: """
+            With --postgres: milliseconds the log's writer waits before looking again when no \
+            captured transaction is queued.
+            """)
+    var pollIntervalMs = 5
 
     @Option(
         help: """

@@ -230,9 +230,15 @@ import Testing
             let (third, _) = try await Self.serve(folder, url: url, port: port)
             servers.withLock { $0.append(third) }
             try await writer.value
-            // The slot is dropped behind Concord's back: it copies again and deletes what vanished.
+            // The slot is dropped behind Concord's back, its streaming connection ended first as
+            // an operator must: it copies again and deletes what vanished.
             try await Harness.waitUntil("the slot is dropped", timeout: .seconds(30)) {
-                (try? await sql.run("SELECT pg_drop_replication_slot('\(Self.slot(url))')")) != nil
+                _ = try? await sql.run(
+                    """
+                    SELECT pg_terminate_backend(active_pid, 5000) FROM pg_replication_slots
+                    WHERE slot_name = '\(Self.slot(url))' AND active_pid IS NOT NULL
+                    """)
+                return (try? await sql.run("SELECT pg_drop_replication_slot('\(Self.slot(url))')")) != nil
             }
             try await Self.write(url: url, transactions: 200, seed: 2)
             // PostgreSQL itself restarts.
@@ -246,6 +252,36 @@ import Testing
         try await Self.expectEqualToTables(replica, sql: check)
         #expect(servers.withLock { $0.last! }.terminate() == 0)
         await check.close()
+    }
+
+    /// A role that signs in with a password, as production servers ask: the capture's SQL
+    /// connection and its replication connection both authenticate (SCRAM-SHA-256, or MD5 for
+    /// a password stored that way), and a change reaches the replica.
+    @Test(arguments: ["concord_scram", "concord_md5"])
+    func aRoleSigningInWithAPasswordCaptures(role: String) async throws {
+        let (url, sql) = try await Self.database()
+        try await Self.fillInitialRows(sql)
+        // Roles belong to the whole server: made once, given this test database's tables.
+        try await sql.run(
+            "DO $$ BEGIN CREATE ROLE \(role) LOGIN REPLICATION; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        try await sql.run("SET password_encryption = '\(role == "concord_md5" ? "md5" : "scram-sha-256")'")
+        try await sql.run("ALTER ROLE \(role) PASSWORD 'correct horse'")
+        try await sql.run("GRANT SELECT ON customers, order_lines, sentinels TO \(role)")
+        var components = try #require(URLComponents(string: url))
+        components.user = role
+        components.password = "correct horse"
+        let roleURL = try #require(components.string)
+        let folder = Harness.folder()
+        let (server, port) = try await Self.serve(folder, url: roleURL)
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
+            try await sql.run("UPDATE customers SET name = 'signed in' WHERE id = 1")
+            try await Self.waitForSentinel(replica, url: url, log: folder.appendingPathComponent("serve.log"))
+        }
+        #expect(try replica.records(of: "customers").first { $0.key == "1" }?.value.contains("signed in") == true)
+        try await Self.expectEqualToTables(replica, sql: sql)
+        #expect(server.terminate() == 0)
+        await sql.close()
     }
 
     @Test func configurationErrorsSayWhatToDo() async throws {
