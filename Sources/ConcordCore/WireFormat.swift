@@ -45,7 +45,7 @@ public enum WireFormat {
     /// writer sized by it seldom grows, where a guess per item would copy a stream batch again
     /// (and fault in fresh pages) whenever values are longer or `before` elements come along.
     public static func encodedSize(
-        of items: [StreamItem], includeBefore: Bool, checkpoints: [Checkpoint] = []
+        of items: some Collection<StreamItem>, includeBefore: Bool, checkpoints: [Checkpoint] = []
     ) -> Int {
         var size = 0
         for item in items {

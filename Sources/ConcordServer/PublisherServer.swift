@@ -502,9 +502,6 @@ struct API: Sendable {
                     }
                     let checkpoints = try await store.checkpoints(after: cursor, through: items.last!.lastLSN)
                     if checkpoints.last?.lsn == items.last!.lastLSN { checkpointed = items.last!.lastLSN }
-                    var lines = JSONWriter(
-                        capacity: WireFormat.encodedSize(
-                            of: items, includeBefore: includeBefore, checkpoints: checkpoints))
                     var kept = items
                     if let every = configuration.dropEveryNthStreamItem {
                         kept = []
@@ -513,11 +510,22 @@ struct API: Sendable {
                             if sent % every != 0 { kept.append(item) }
                         }
                     }
-                    Self.append(
-                        kept, checkpoints: checkpoints, collections: collections, includeBefore: includeBefore,
-                        to: &lines)
-                    try await writer.write(ByteBuffer(bytes: lines.bytes))
-                    api.served(subscriber, after: cursor, items: kept, bytes: lines.bytes.count)
+                    // Written in pieces: a large transaction is neither held whole in one buffer
+                    // nor copied whole into another, and the subscriber reads its first lines
+                    // while the rest are encoded.
+                    var bytes = 0
+                    for start in stride(from: 0, to: kept.count, by: Self.linesPerWrite) {
+                        let piece = kept[start..<min(kept.count, start + Self.linesPerWrite)]
+                        var lines = JSONWriter(
+                            capacity: WireFormat.encodedSize(
+                                of: piece, includeBefore: includeBefore, checkpoints: checkpoints))
+                        Self.append(
+                            piece, checkpoints: checkpoints, collections: collections, includeBefore: includeBefore,
+                            to: &lines)
+                        try await writer.write(ByteBuffer(bytes: lines.bytes))
+                        bytes += lines.bytes.count
+                    }
+                    api.served(subscriber, after: cursor, items: kept, bytes: bytes)
                     cursor = items.last!.lastLSN
                 }
                 try await writer.finish(nil)
@@ -535,10 +543,13 @@ struct API: Sendable {
         }
     }
 
+    /// Change lines encoded and written at a time: about 1 MB of 225-byte values.
+    static let linesPerWrite = 4096
+
     /// Writes `items`, each checkpoint right after the item that ends at its LSN.
     static func append(
-        _ items: [StreamItem], checkpoints: [Checkpoint], collections: Set<String>?, includeBefore: Bool,
-        to writer: inout JSONWriter
+        _ items: some Collection<StreamItem>, checkpoints: [Checkpoint], collections: Set<String>?,
+        includeBefore: Bool, to writer: inout JSONWriter
     ) {
         var next = checkpoints.startIndex
         for item in items {

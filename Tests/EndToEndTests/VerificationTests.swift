@@ -87,7 +87,10 @@ struct VerificationTests {
 
     /// Plain SQL on the replica file from another connection: what a careless service might do.
     static func editBehindTheBack(_ path: String, _ sql: String) throws {
-        let queue = try DatabaseQueue(path: path)
+        // Waits its turn while the replica writes, as any other writer of the file must.
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(10)
+        let queue = try DatabaseQueue(path: path, configuration: configuration)
         try queue.inDatabase { db in try db.execute(sql: sql) }
         try queue.close()
     }
