@@ -450,26 +450,39 @@ public final class PostgresCapture: Service, Sendable {
         after applied: UInt64
     ) async throws {
         var builder = builder
+        var inTransaction = false
+        var lastCommit = applied
         for try await message in messages {
+            queue.heard()
             switch message {
             case .data(let line):
                 let record = try PostgresDecoding.record(String(buffer: line))
                 switch record {
                 case .begin:
                     builder.begin()
+                    inTransaction = true
                 case .commit(let lsn):
+                    inTransaction = false
                     let operations = builder.commit()
                     // Transactions the log already holds come again after a crash: skipped.
                     if lsn > applied {
                         try await queue.push(operations, commit: lsn, number: builder.committed)
                     }
+                    lastCommit = max(lastCommit, lsn)
                     builder.forget(through: queue.durableNumber)
                 case .other:
                     break
                 default:
                     try await builder.add(record)
                 }
-            case .keepalive(_, let replyRequested):
+            case .keepalive(let walEnd, let replyRequested):
+                // Everything that committed up to walEnd has been sent, and a transaction still
+                // open there commits after it: a quiet database, whose slot would otherwise keep
+                // the whole server's WAL while other databases write, moves its position on.
+                if !inTransaction, walEnd > lastCommit {
+                    try await queue.push([], commit: walEnd, number: builder.committed)
+                    lastCommit = walEnd
+                }
                 if replyRequested { queue.requestReply() }
             }
         }
@@ -491,11 +504,18 @@ public final class PostgresCapture: Service, Sendable {
                     transactions: batch.transactions, marker: (Marker.lsn, PostgresDecoding.lsnText(commit)))
                 queue.markDurable(through: batch.lastNumber)
                 durable = commit
+                // The reader may have waited on this write, not on the server.
+                queue.heard()
             }
-            // The server times out a client silent for wal_sender_timeout (a minute by default).
-            if batch.lastCommit != nil || batch.replyRequested || ContinuousClock.now - lastStatus > .seconds(10) {
-                try await stream.confirm(flushed: durable)
+            // The server times out a client silent for wal_sender_timeout (a minute by default);
+            // the periodic update asks for an answer, so a server gone silent is noticed.
+            let periodic = ContinuousClock.now - lastStatus > .seconds(10)
+            if batch.lastCommit != nil || batch.replyRequested || periodic {
+                try await stream.confirm(flushed: durable, replyRequested: periodic)
                 lastStatus = .now
+            }
+            if ContinuousClock.now - queue.lastHeard > .seconds(60) {
+                throw ConcordError(.unavailable, "PostgreSQL sent nothing on the replication connection for 60 s")
             }
             if batch.lastCommit == nil { try await Task.sleep(for: idle) }
         }
@@ -641,6 +661,7 @@ final class CapturedTransactions: Sendable {
         var batch = Batch()
         var changes = 0
         var durableNumber = 0
+        var lastHeard = ContinuousClock.now
     }
 
     let limit: Int
@@ -662,6 +683,13 @@ final class CapturedTransactions: Sendable {
             state.batch.lastNumber = number
             state.changes += operations.count
         }
+    }
+
+    /// When the server last sent anything.
+    var lastHeard: ContinuousClock.Instant { state.withLock { $0.lastHeard } }
+
+    func heard() {
+        state.withLock { $0.lastHeard = .now }
     }
 
     func requestReply() {

@@ -33,6 +33,8 @@ enum ReplicationConnection {
         do {
             channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .connectTimeout(.seconds(10))
+                // A peer gone without a word (a host lost behind a firewall) is noticed too.
+                .channelOption(.socketOption(.so_keepalive), value: 1)
                 .connect(host: endpoint.host, port: endpoint.port) { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(BackendMessageDecoder()))
@@ -42,6 +44,10 @@ enum ReplicationConnection {
         } catch {
             throw ConcordError(
                 .unavailable, "cannot connect to PostgreSQL at \(PostgresSource.redacted(url)): \(error)")
+        }
+        // A server that accepts the connection but never answers is given up on.
+        let handshakeTimeout = channel.channel.eventLoop.scheduleTask(in: .seconds(30)) {
+            channel.channel.close(promise: nil)
         }
         return try await channel.executeThenClose { inbound, outbound in
             var messages = inbound.makeAsyncIterator()
@@ -64,9 +70,10 @@ enum ReplicationConnection {
                 let message = try await next(&messages)
                 if message.type == UInt8(ascii: "W") { break }
                 guard message.type == UInt8(ascii: "N") || message.type == UInt8(ascii: "S") else {
-                    throw ConcordError(.protocolViolation, "PostgreSQL answered START_REPLICATION with \(message.type)")
+                    throw ConcordError(.unavailable, "PostgreSQL answered START_REPLICATION with \(message.type)")
                 }
             }
+            handshakeTimeout.cancel()
             logger.debug("streaming the replication slot", metadata: ["slot": "\(slot)"])
             return try await body(Stream(inbound: InboundMessages(messages), outbound: outbound))
         }
@@ -89,10 +96,12 @@ enum ReplicationConnection {
         outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, user: String, password: String?
     ) async throws {
         var scram: SCRAMSHA256?
+        var serverVerified = false
         while true {
             var message = try await next(&messages)
+            if message.type == UInt8(ascii: "N") { continue }
             guard message.type == UInt8(ascii: "R"), let code = message.body.readInteger(as: Int32.self) else {
-                throw ConcordError(.protocolViolation, "PostgreSQL sent \(message.type) before authenticating")
+                throw ConcordError(.unavailable, "PostgreSQL sent \(message.type) before authenticating")
             }
             func required() throws -> String {
                 guard let password else {
@@ -105,12 +114,16 @@ enum ReplicationConnection {
             }
             switch code {
             case 0:
+                // A SCRAM exchange ends only once the server has proven it knows the password.
+                guard scram == nil || serverVerified else {
+                    throw ConcordError(.unavailable, "PostgreSQL ended SCRAM without its proof")
+                }
                 return
             case 3:
                 try await outbound.write(FrontendMessage.password(Array(try required().utf8) + [0]))
             case 5:
                 guard let salt = message.body.readBytes(length: 4) else {
-                    throw ConcordError(.protocolViolation, "PostgreSQL's MD5 request lacks its salt")
+                    throw ConcordError(.unavailable, "PostgreSQL's MD5 request lacks its salt")
                 }
                 let inner = Self.hex(Insecure.MD5.hash(data: Array((try required() + user).utf8)))
                 let outer = Self.hex(Insecure.MD5.hash(data: Array(inner.utf8) + salt))
@@ -130,14 +143,15 @@ enum ReplicationConnection {
                 try await outbound.write(FrontendMessage.password(body))
                 scram = exchange
             case 11:
-                guard var exchange = scram else { throw ConcordError(.protocolViolation, "SASL out of order") }
+                guard var exchange = scram else { throw ConcordError(.unavailable, "SASL out of order") }
                 let final = try exchange.clientFinalMessage(
                     serverFirst: String(decoding: message.body.readableBytesView, as: UTF8.self))
                 try await outbound.write(FrontendMessage.password(final))
                 scram = exchange
             case 12:
-                guard let exchange = scram else { throw ConcordError(.protocolViolation, "SASL out of order") }
+                guard let exchange = scram else { throw ConcordError(.unavailable, "SASL out of order") }
                 try exchange.verify(serverFinal: String(decoding: message.body.readableBytesView, as: UTF8.self))
+                serverVerified = true
             default:
                 throw ConcordError(
                     .invalidConfiguration, "PostgreSQL asks for an authentication Concord does not speak (\(code))")
@@ -168,7 +182,8 @@ enum ReplicationConnection {
         var messages: Messages { Messages(inbound: inbound) }
 
         /// Tells the server that every change up to `flushed` is durable: the slot may let it go.
-        func confirm(flushed: UInt64) async throws {
+        /// `replyRequested`: the server answers at once, which proves the connection alive.
+        func confirm(flushed: UInt64, replyRequested: Bool = false) async throws {
             var buffer = ByteBuffer()
             buffer.writeInteger(UInt8(ascii: "d"))
             buffer.writeInteger(Int32(4 + 1 + 8 * 4 + 1))
@@ -177,7 +192,7 @@ enum ReplicationConnection {
             buffer.writeInteger(flushed)  // flushed
             buffer.writeInteger(flushed)  // applied
             buffer.writeInteger(Int64((Date().timeIntervalSince1970 - 946_684_800) * 1_000_000))  // since 2000
-            buffer.writeInteger(UInt8(0))
+            buffer.writeInteger(UInt8(replyRequested ? 1 : 0))
             try await outbound.write(buffer)
         }
     }
@@ -211,7 +226,7 @@ enum ReplicationConnection {
                         default:
                             break
                         }
-                        throw ConcordError(.protocolViolation, "PostgreSQL sent a malformed replication message")
+                        throw ConcordError(.unavailable, "PostgreSQL sent a malformed replication message")
                     case UInt8(ascii: "c"):
                         throw ConcordError(.unavailable, "PostgreSQL ended the replication stream")
                     default:
@@ -254,7 +269,7 @@ struct BackendMessageDecoder: ByteToMessageDecoder {
             let length = buffer.getInteger(at: buffer.readerIndex + 1, as: Int32.self)
         else { return .needMoreData }
         guard length >= 4 else {
-            throw ConcordError(.protocolViolation, "PostgreSQL sent a message of length \(length)")
+            throw ConcordError(.unavailable, "PostgreSQL sent a message of length \(length)")
         }
         guard buffer.readableBytes >= 1 + Int(length) else { return .needMoreData }
         buffer.moveReaderIndex(forwardBy: 5)
@@ -326,7 +341,7 @@ struct SCRAMSHA256 {
         guard let nonce = fields["r"], nonce.hasPrefix(clientNonce), let saltText = fields["s"],
             let salt = Data(base64Encoded: saltText), let iterations = fields["i"].flatMap({ Int($0) }), iterations > 0
         else {
-            throw ConcordError(.protocolViolation, "PostgreSQL's SCRAM challenge is malformed")
+            throw ConcordError(.unavailable, "PostgreSQL's SCRAM challenge is malformed")
         }
         saltedPassword = Self.pbkdf2(password: Array(password.utf8), salt: Array(salt), iterations: iterations)
         let withoutProof = "c=biws,r=\(nonce)"
@@ -342,7 +357,7 @@ struct SCRAMSHA256 {
         let serverKey = Self.hmac(saltedPassword, Array("Server Key".utf8))
         let expected = Self.hmac(serverKey, Array(authMessage.utf8))
         guard serverFinal == "v=\(Data(expected).base64EncodedString())" else {
-            throw ConcordError(.protocolViolation, "PostgreSQL's SCRAM signature does not match: not the server asked")
+            throw ConcordError(.unavailable, "PostgreSQL's SCRAM signature does not match: not the server asked")
         }
     }
 

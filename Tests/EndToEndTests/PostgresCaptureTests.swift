@@ -284,6 +284,29 @@ import Testing
         await sql.close()
     }
 
+    /// The slot of a database nobody writes still moves on while other databases of the server
+    /// write, or the server would keep their WAL for it without end.
+    @Test func aQuietDatabasesSlotMovesOnWhileOthersWrite() async throws {
+        let (url, sql) = try await Self.database()
+        let folder = Harness.folder()
+        let (server, _) = try await Self.serve(folder, url: url)
+        let publisherDB = folder.appendingPathComponent("source.sqlite").path
+        try await Harness.waitUntil("the publisher follows the slot", timeout: .seconds(60)) {
+            (try? Self.capture(of: publisherDB))?.streaming == true
+        }
+        let busy = try await SQLSession.connect(try await PostgresHarness.database())
+        try await busy.run("CREATE TABLE elsewhere (id int PRIMARY KEY, note text)")
+        let walBefore = try #require(
+            try await sql.texts("SELECT pg_current_wal_insert_lsn()::text").first?.first?.flatMap(PostgresDecoding.lsn))
+        try await busy.run("INSERT INTO elsewhere SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+        try await Harness.waitUntil("the quiet database's slot passes the others' writes", timeout: .seconds(60)) {
+            try await Self.confirmedLSN(url: url) > walBefore
+        }
+        #expect(server.terminate() == 0)
+        await busy.close()
+        await sql.close()
+    }
+
     @Test func configurationErrorsSayWhatToDo() async throws {
         let url = try await PostgresHarness.database()
         let sql = try await SQLSession.connect(url)
