@@ -452,6 +452,7 @@ public final class PostgresCapture: Service, Sendable {
         var builder = builder
         var inTransaction = false
         var lastCommit = applied
+        var lastMovedOn = ContinuousClock.now - .seconds(1)
         for try await message in messages {
             queue.heard()
             switch message {
@@ -478,10 +479,12 @@ public final class PostgresCapture: Service, Sendable {
             case .keepalive(let walEnd, let replyRequested):
                 // Everything that committed up to walEnd has been sent, and a transaction still
                 // open there commits after it: a quiet database, whose slot would otherwise keep
-                // the whole server's WAL while other databases write, moves its position on.
-                if !inTransaction, walEnd > lastCommit {
+                // the whole server's WAL while other databases write, moves its position on (at
+                // most once a second: each move is a write of the log's marker).
+                if !inTransaction, walEnd > lastCommit, ContinuousClock.now - lastMovedOn >= .seconds(1) {
                     try await queue.push([], commit: walEnd, number: builder.committed)
                     lastCommit = walEnd
+                    lastMovedOn = .now
                 }
                 if replyRequested { queue.requestReply() }
             }
