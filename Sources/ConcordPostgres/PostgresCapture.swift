@@ -114,7 +114,9 @@ public final class PostgresCapture: Service, Sendable {
                 // The same transaction would fail again on every retry while the slot holds the WAL.
                 throw ConcordError(
                     .invalidConfiguration, "a captured change cannot be stored (\(error.code)): \(error.message)")
-            } catch let error as CaptureError where Self.fatalStates.contains(error.sqlState) {
+            } catch let error as CaptureError
+                where Self.fatalStates.contains(error.sqlState) && !Self.isSlotInvalidated(error)
+            {
                 throw ConcordError(.invalidConfiguration, Self.advice(for: error))
             } catch {
                 if Task.isCancelled || Task.isShuttingDownGracefully { return }
@@ -128,6 +130,12 @@ public final class PostgresCapture: Service, Sendable {
 
     /// SQLSTATEs that retrying cannot fix.
     static let fatalStates: Set<String> = ["55000", "42501", "58P01", "42P01", "3D000", "28000", "28P01"]
+
+    /// PostgreSQL removed WAL the slot still needed (`max_slot_wal_keep_size`): the next session
+    /// finds the slot lost, drops it and copies again, as after a dropped slot.
+    static func isSlotInvalidated(_ error: CaptureError) -> Bool {
+        error.sqlState == "55000" && error.message.contains("can no longer get changes")
+    }
 
     static func advice(for error: CaptureError) -> String {
         switch error.sqlState {
@@ -276,11 +284,11 @@ public final class PostgresCapture: Service, Sendable {
         // Slot names are unique in the whole server, not per database.
         let existing = try await source.rows(
             """
-            SELECT plugin::text, database::text, current_database()::text FROM pg_replication_slots
-            WHERE slot_name = \(slot)
+            SELECT plugin::text, database::text, current_database()::text, wal_status::text
+            FROM pg_replication_slots WHERE slot_name = \(slot)
             """)
         if let row = existing.first {
-            let (plugin, database, current) = try row.decode((String?, String?, String).self)
+            let (plugin, database, current, walStatus) = try row.decode((String?, String?, String, String?).self)
             guard database == current else {
                 throw ConcordError(
                     .invalidConfiguration,
@@ -292,7 +300,16 @@ public final class PostgresCapture: Service, Sendable {
                     .invalidConfiguration,
                     "slot \(slot) uses the plugin \(plugin ?? "none"), not wal2json: give another --slot")
             }
-            return true
+            guard walStatus == "lost" else { return true }
+            // The capture was away longer than the server keeps WAL for a slot: the changes
+            // since are gone from it, so it is made again and the tables copied again, which
+            // also deletes the records that vanished meanwhile.
+            logger.warning(
+                """
+                replication slot \(slot) was invalidated (PostgreSQL removed WAL it needed, \
+                max_slot_wal_keep_size); creating it again and copying the tables
+                """)
+            _ = try await source.rows("SELECT pg_drop_replication_slot(\(slot))")
         }
         // Everything committed from here on is kept by the slot; the copy that follows starts later.
         try await store.write([], marker: (Marker.phase, "copying"))

@@ -63,7 +63,10 @@ import Testing
     ) async throws {
         let session = try await SQLSession.connect(url)
         let walBefore = try await session.texts("SELECT pg_current_wal_insert_lsn()::text").first?.first ?? nil
-        try await session.run("INSERT INTO sentinels VALUES (1)")
+        // A new row each time, so a test can wait for the sentinel more than once.
+        let sentinel = try await session.texts(
+            "INSERT INTO sentinels SELECT coalesce(max(id), 0) + 1 FROM sentinels RETURNING id::text"
+        ).first?.first??.description
         await session.close()
         let sentinelAfter = try #require(walBefore.flatMap(PostgresDecoding.lsn))
         let publisherDB = log.deletingLastPathComponent().appendingPathComponent("source.sqlite").path
@@ -73,7 +76,7 @@ import Testing
                     try await Self.confirmedLSN(url: url) > sentinelAfter,
                     let state = try await replica.state(), state.progress.phase == .following
                 else { return false }
-                let held = try await replica.records(of: "sentinels").contains { $0.key == "1" }
+                let held = try await replica.records(of: "sentinels").contains { $0.key == sentinel }
                 return held && state.position == capture.head && state.verifiedLSN == state.position
             }
         } catch {
@@ -254,6 +257,61 @@ import Testing
         try await Self.expectEqualToTables(replica, sql: check)
         #expect(servers.withLock { $0.last! }.terminate() == 0)
         await check.close()
+    }
+
+    /// The publisher is down longer than PostgreSQL keeps WAL for its slot (max_slot_wal_keep_size):
+    /// the server invalidates the slot, and the publisher, started again, makes a new one and
+    /// copies the tables again, deleting what vanished meanwhile; nothing is lost.
+    @Test func aSlotInvalidatedWhileThePublisherWasDownIsMadeAgainAndLosesNothing() async throws {
+        let (url, sql) = try await Self.database()
+        try await Self.fillInitialRows(sql)
+        let folder = Harness.folder()
+        let log = folder.appendingPathComponent("serve.log")
+        let (first, port) = try await Self.serve(folder, url: url)
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        let servers = Mutex([first])
+        try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
+            try await Self.write(url: url, transactions: 100, seed: 4)
+            try await Self.waitForSentinel(replica, url: url, log: log)
+            #expect(first.terminate() == 0)
+            // While it is down: changes its slot keeps, then WAL past what the server keeps for it.
+            try await Self.write(url: url, transactions: 200, seed: 5)
+            try await sql.run("DELETE FROM customers WHERE id BETWEEN 100 AND 199")
+            try await Self.invalidateSlot(url: url, sql: sql)
+            let (second, _) = try await Self.serve(folder, url: url, port: port)
+            servers.withLock { $0.append(second) }
+            try await Self.write(url: url, transactions: 100, seed: 6)
+            try await Self.waitForSentinel(replica, url: url, log: log, timeout: .seconds(120))
+        }
+        try await Self.expectEqualToTables(replica, sql: sql)
+        #expect(try replica.records(of: "customers").contains { $0.key == "150" } == false)
+        let said = try String(contentsOf: log, encoding: .utf8)
+        #expect(said.contains("was invalidated"), "the second publisher found the slot lost")
+        #expect(servers.withLock { $0.last! }.terminate() == 0)
+        await sql.close()
+    }
+
+    /// Lowers max_slot_wal_keep_size, switches WAL segments and checkpoints until the server has
+    /// invalidated the test database's slot, then restores the setting.
+    static func invalidateSlot(url: String, sql: SQLSession) async throws {
+        try await sql.run("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        try await sql.run("SELECT pg_reload_conf()")
+        do {
+            try await Harness.waitUntil("PostgreSQL invalidates the slot", timeout: .seconds(60)) {
+                try await sql.run("SELECT pg_logical_emit_message(false, 'concord-test', 'wal')")
+                try await sql.run("SELECT pg_switch_wal()")
+                try await sql.run("CHECKPOINT")
+                let status = try await sql.texts(
+                    "SELECT wal_status::text FROM pg_replication_slots WHERE slot_name = '\(slot(url))'")
+                return status.first?.first == "lost"
+            }
+        } catch {
+            try? await sql.run("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            try? await sql.run("SELECT pg_reload_conf()")
+            throw error
+        }
+        try await sql.run("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        try await sql.run("SELECT pg_reload_conf()")
     }
 
     /// A role that signs in with a password, as production servers ask: the capture's SQL
