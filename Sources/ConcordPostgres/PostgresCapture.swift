@@ -326,6 +326,12 @@ public final class PostgresCapture: Service, Sendable {
         // The phase is already "copying" (written before the slot was made, or when it vanished),
         // or unset for a slot made elsewhere: either way a copy cut short runs again.
         logger.info("copying the tables", metadata: ["tables": "\(tables.map(\.name).joined(separator: ","))"])
+        // A first copy fills empty collections: the key-hash index is built once at the end.
+        let counts = Dictionary(
+            try await store.feedInfo().collections.map { ($0.name, $0.count) }, uniquingKeysWith: { first, _ in first })
+        if tables.allSatisfy({ (counts[$0.collection] ?? 0) == 0 }) {
+            try await store.dropKeyHashIndex()
+        }
         let source = try await PostgresSource.connect(url: configuration.url, logger: logger)
         do {
             try await source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -338,6 +344,7 @@ public final class PostgresCapture: Service, Sendable {
             throw error
         }
         await source.close()
+        try await store.buildKeyHashIndex()
         // The slot's changes are replayed from its start: the copy may already hold some.
         try await store.write([], marker: (Marker.lsn, "0/0"))
         try await store.write([], marker: (Marker.phase, "streaming"))
@@ -388,7 +395,9 @@ public final class PostgresCapture: Service, Sendable {
                         try await writing?.value
                         let full = batch
                         let store = self.store
-                        writing = Task { try await store.write(full) }
+                        // Into an empty collection every key is new: none is looked up.
+                        let fresh = existing.isEmpty
+                        writing = Task { _ = try await fresh ? store.insertNew(full) : store.write(full) }
                         copied += batch.count
                         batch.removeAll(keepingCapacity: true)
                     }
@@ -403,7 +412,8 @@ public final class PostgresCapture: Service, Sendable {
         // Records the copy no longer holds were deleted while no slot kept their deletes.
         batch += existing.subtracting(seen).sorted().map { .delete(table.collection, $0) }
         for start in stride(from: 0, to: batch.count, by: configuration.copyBatch) {
-            try await store.write(Array(batch[start..<min(batch.count, start + configuration.copyBatch)]))
+            let part = Array(batch[start..<min(batch.count, start + configuration.copyBatch)])
+            _ = try await existing.isEmpty ? store.insertNew(part) : store.write(part)
         }
         copied += batch.count
         logger.info(

@@ -124,10 +124,18 @@ extension PublisherStore {
         do {
             return try await pool.read { db in
                 let head = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
+                // Without statistics SQLite would scan the collection per hash, so the index is
+                // named; a copy into empty collections leaves it out until it ends.
+                let indexed =
+                    try Bool.fetchOne(
+                        db,
+                        sql:
+                            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'concord_records_key_hash'"
+                    ) ?? false
                 let select = RawStatement(
                     try db.cachedStatement(
                         sql: """
-                            SELECT key, version, value FROM concord_records INDEXED BY concord_records_key_hash
+                            SELECT key, version, value FROM concord_records \(indexed ? "INDEXED BY concord_records_key_hash" : "")
                             WHERE collection = ?1 AND key_hash = ?2
                             """), in: db)
                 var records: [Record] = []

@@ -125,6 +125,9 @@ public final class PublisherStore: Sendable {
                 try db.execute(sql: "CREATE TABLE concord_markers (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
             }
             try migrator.migrate(pool)
+            // A copy into empty collections leaves the key-hash index out until it ends; one cut
+            // short by a crash gets it back here.
+            try pool.write { db in try db.execute(sql: Self.createKeyHashIndex) }
             let (feedID, head) = try pool.read { db -> (String, LSN) in
                 let row = try Row.fetchOne(db, sql: "SELECT feed_id, head FROM concord_feed WHERE id = 1")!
                 return (row["feed_id"], LSN(row["head"] as Int64))
@@ -171,6 +174,23 @@ public final class PublisherStore: Sendable {
     /// are left out; with none left only the marker is written, and the head stays.
     @discardableResult
     public func write(transactions: [[WriteOperation]], marker: (name: String, value: String)?) async throws -> LSN {
+        try await write(transactions: transactions, marker: marker, keysAreNew: false)
+    }
+
+    /// Appends `operations` atomically as upserts of keys the store does not hold, as a copy into
+    /// an empty collection writes them: no previous version is looked up, and a key already held
+    /// fails the whole write instead of being replaced unseen.
+    @discardableResult
+    public func insertNew(_ operations: [WriteOperation]) async throws -> LSN {
+        guard operations.allSatisfy({ $0.operation == .upsert }) else {
+            throw ConcordError(.invalidRequest, "only upserts insert new records")
+        }
+        return try await write(transactions: [operations], marker: nil, keysAreNew: true)
+    }
+
+    private func write(transactions: [[WriteOperation]], marker: (name: String, value: String)?, keysAreNew: Bool)
+        async throws -> LSN
+    {
         let transactions = transactions.filter { !$0.isEmpty }
         guard !transactions.isEmpty else {
             guard let marker else { throw ConcordError(.invalidRequest, "a write needs at least one change") }
@@ -190,7 +210,7 @@ public final class PublisherStore: Sendable {
         let last: LSN
         do {
             last = try await pool.write { db in
-                let (last, touched) = try Self.append(batch, in: db)
+                let (last, touched) = try Self.append(batch, keysAreNew: keysAreNew, in: db)
                 if let marker { try Self.setMarker(marker, in: db) }
                 let policy = self.configuration.checkpoints
                 let due = ContinuousClock.now - self.lastCheckpoint.withLock { $0 } >= policy.interval
@@ -278,20 +298,26 @@ public final class PublisherStore: Sendable {
         }
     }
 
-    private static func append(_ transactions: [[WriteOperation]], in db: Database) throws -> (LSN, [ElementChange]) {
+    private static func append(_ transactions: [[WriteOperation]], keysAreNew: Bool, in db: Database) throws -> (
+        LSN, [ElementChange]
+    ) {
         let head = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
         let now = Int(Date().timeIntervalSince1970 * 1000)
         let find = RawStatement(
             try db.cachedStatement(
                 sql: "SELECT version, value FROM concord_records WHERE collection = ?1 AND key = ?2"),
             in: db)
+        // New keys are inserted without ON CONFLICT: a key held after all is a failed write.
         let upsert = RawStatement(
             try db.cachedStatement(
                 sql: """
                     INSERT INTO concord_records (collection, key, version, value, key_hash)
                     VALUES (?1, ?2, ?3, ?4, ?5)
-                    ON CONFLICT (collection, key) DO UPDATE SET version = excluded.version, value = excluded.value
-                    """), in: db)
+                    """
+                        + (keysAreNew
+                            ? ""
+                            : " ON CONFLICT (collection, key) DO UPDATE SET version = excluded.version, value = excluded.value")
+            ), in: db)
         let delete = RawStatement(
             try db.cachedStatement(sql: "DELETE FROM concord_records WHERE collection = ?1 AND key = ?2"), in: db)
         let log = RawStatement(
@@ -308,15 +334,19 @@ public final class PublisherStore: Sendable {
         for operations in transactions {
             for (index, operation) in operations.enumerated() {
                 lsn += 1
-                find.bind(1, operation.collection)
-                find.bind(2, operation.key)
-                let existed = try find.step()
-                let before =
-                    existed
-                    ? Element(
-                        collection: operation.collection, key: operation.key, version: LSN(find.int64(0)),
-                        value: find.text(1)) : nil
-                find.reset()
+                var existed = false
+                var before: Element?
+                if !keysAreNew {
+                    find.bind(1, operation.collection)
+                    find.bind(2, operation.key)
+                    existed = try find.step()
+                    if existed {
+                        before = Element(
+                            collection: operation.collection, key: operation.key, version: LSN(find.int64(0)),
+                            value: find.text(1))
+                    }
+                    find.reset()
+                }
                 if digests[operation.collection] == nil {
                     digests[operation.collection] = try Self.storedDigest(of: operation.collection, in: db)
                 }
@@ -361,6 +391,30 @@ public final class PublisherStore: Sendable {
         }
         try db.execute(sql: "UPDATE concord_feed SET head = ? WHERE id = 1", arguments: [Int64(lsn)])
         return (lsn, touched)
+    }
+
+    static let createKeyHashIndex =
+        "CREATE INDEX IF NOT EXISTS concord_records_key_hash ON concord_records (collection, key_hash)"
+
+    /// Drops the index that finds records by key hash, while a copy fills empty collections:
+    /// its random inserts cost about a third of such a copy, and one sorted build at the end
+    /// (``buildKeyHashIndex()``, or the next open after a crash) costs a fraction of that.
+    /// Lookups by key hash scan the collection meanwhile.
+    public func dropKeyHashIndex() async throws {
+        do {
+            try await pool.write { db in try db.execute(sql: "DROP INDEX IF EXISTS concord_records_key_hash") }
+        } catch {
+            throw ConcordError.storage(error, "cannot drop the key-hash index")
+        }
+    }
+
+    /// Builds the key-hash index when it is missing.
+    public func buildKeyHashIndex() async throws {
+        do {
+            try await pool.write { db in try db.execute(sql: Self.createKeyHashIndex) }
+        } catch {
+            throw ConcordError.storage(error, "cannot build the key-hash index")
+        }
     }
 
     /// A collection's digest as stored (the empty digest for a collection not written yet).

@@ -60,6 +60,33 @@ func temporaryFile(_ name: String) -> String {
         #expect(try store.marker("source.position") == "42" && store.head == 4)
     }
 
+    @Test func newRecordsGoInWithoutTheirKeyHashIndexAndAKeyHeldFailsTheWrite() async throws {
+        let path = temporaryFile("p.sqlite")
+        var store: PublisherStore? = try PublisherStore(path: path)
+        try await store!.write([.upsert("users", "1", json: "1")])
+        try await store!.dropKeyHashIndex()
+        #expect(try await store!.insertNew([.upsert("users", "2", json: "2"), .upsert("users", "3", json: "3")]) == 3)
+        // A key the store holds fails the whole write: nothing is replaced unseen.
+        await #expect(throws: ConcordError.self) {
+            try await store!.insertNew([.upsert("users", "4", json: "4"), .upsert("users", "1", json: "5")])
+        }
+        #expect(store!.head == 3)
+        #expect(try await store!.records(of: "users").map(\.value) == ["1", "2", "3"])
+        let items = try await store!.items(after: 1, limit: 100)
+        #expect(items.map(\.isCommit) == [false, true])
+        for check in try await store!.digestCheck() { #expect(check.stored == check.scanned) }
+        // Found by key hash without the index, and with it again once the store is opened again.
+        let hash = Element.keyHash(collection: "users", key: "2")
+        #expect(try await store!.records(of: "users", keyHashes: [hash]).records.map(\.key) == ["2"])
+        store = nil
+        store = try PublisherStore(path: path)
+        #expect(try await store!.records(of: "users", keyHashes: [hash]).records.map(\.key) == ["2"])
+        let indexes = try await DatabaseQueue(path: path).read { db in
+            try String.fetchAll(db, sql: "SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+        #expect(indexes.contains("concord_records_key_hash"))
+    }
+
     @Test func aWriteWithInvalidJSONChangesNothing() async throws {
         let store = try PublisherStore(path: temporaryFile("p.sqlite"))
         try await store.write([.upsert("users", "1", json: "1")])
