@@ -461,7 +461,9 @@ public struct JSONScanner {
             let highs: UInt64 = 0x8080_8080_8080_8080
             while position + 8 <= buffer.count {
                 let word = UnsafeRawPointer(base + position).loadUnaligned(as: UInt64.self)
-                if Self.quoteBackslashOrControl(in: word) | (word & highs) != 0 { break }
+                let found = Self.quoteBackslashOrControl(in: word) | (word & highs)
+                // The lowest flag is never spurious: it marks the first byte to look at.
+                if found != 0 { return position + UInt64(littleEndian: found).trailingZeroBitCount / 8 }
                 position += 8
             }
             while position < buffer.count {

@@ -479,34 +479,79 @@ public final class PostgresReplicaStore: ReplicaStoring {
         try await holdsNone(of: page.records.map(\.key), in: page.collection, in: db)
     }
 
+    /// Whether the replica holds no row and no tombstone of any of `keys`. A page's keys are a
+    /// run of the source's, so the range from the least to the greatest (in byte order, as the
+    /// key columns' "C" collation sorts) is asked first: one index probe, where asking for each
+    /// key took one per key, most of a bootstrap's work for the server. Keys spread across the
+    /// range, as a stream's are, are asked one by one when the range holds any.
     func holdsNone(of keys: [String], in collection: String, in db: PostgresSource) async throws -> Bool {
+        guard var least = keys.first, var greatest = keys.first else { return true }
+        for key in keys.dropFirst() {
+            if Self.bytewisePrecedes(key, least) { least = key }
+            if Self.bytewisePrecedes(greatest, key) { greatest = key }
+        }
         var binds = PostgresBindings()
         binds.append(keys)
         binds.append(collection)
+        binds.append(least)
+        binds.append(greatest)
+        // CASE evaluates its branches only when reached: the probes per key run only when the
+        // range holds something.
         let held = try await db.rows(
             PostgresQuery(
                 unsafeSQL: """
-                    SELECT EXISTS (SELECT 1 FROM \(table(collection)) WHERE key = ANY($1::text[]))
-                        OR EXISTS (SELECT 1 FROM \(table("concord_tombstones"))
-                            WHERE collection = $2 AND key = ANY($1::text[]))
+                    SELECT CASE
+                        WHEN NOT EXISTS (SELECT 1 FROM \(table(collection)) WHERE key >= $3 AND key <= $4)
+                            AND NOT EXISTS (SELECT 1 FROM \(table("concord_tombstones"))
+                                WHERE collection = $2 AND key >= $3 AND key <= $4)
+                        THEN false
+                        ELSE EXISTS (SELECT 1 FROM \(table(collection)) WHERE key = ANY($1::text[]))
+                            OR EXISTS (SELECT 1 FROM \(table("concord_tombstones"))
+                                WHERE collection = $2 AND key = ANY($1::text[]))
+                    END
                     """, binds: binds))
         return try !(held.first?.decode(Bool.self) ?? true)
     }
 
+    /// Whether `first` sorts before `second` byte by byte, as the "C" collation sorts.
+    static func bytewisePrecedes(_ first: String, _ second: String) -> Bool {
+        var first = first
+        var second = second
+        return first.withUTF8 { left in
+            second.withUTF8 { right in
+                let common = min(left.count, right.count)
+                let order = common == 0 ? 0 : memcmp(left.baseAddress!, right.baseAddress!, common)
+                return order < 0 || (order == 0 && left.count < right.count)
+            }
+        }
+    }
+
     /// Inserts records none of whose keys the table holds, with COPY: several times less work
     /// for the server than a merging INSERT, which is what bounds a bootstrap into PostgreSQL.
+    /// The rows are sent in pieces as they are encoded, so the server parses one while the
+    /// next is made.
     func copy(_ rows: RowColumns, into collection: String, in db: PostgresSource) async throws {
-        var text: [UInt8] = []
-        text.reserveCapacity(
-            rows.keys.reduce(0) { $0 + $1.utf8.count + 24 } + rows.values.reduce(0) { $0 + $1.utf8.count })
-        for index in rows.keys.indices {
-            PostgresCopyText.appendRow([rows.keys[index], String(rows.versions[index]), rows.values[index]], to: &text)
-        }
         // Qualified, never found through the search path, where pg_catalog comes first.
         try await db.copy(
             into: PostgresSource.quoteInside(configuration.schema) + "\".\"" + collection,
-            columns: ["key", "version", "value"], text: text)
+            columns: ["key", "version", "value"]
+        ) { writer in
+            var text: [UInt8] = []
+            text.reserveCapacity(Self.copyPiece + 4_096)
+            for index in rows.keys.indices {
+                PostgresCopyText.appendRow(
+                    key: rows.keys[index], version: rows.versions[index], value: rows.values[index], to: &text)
+                if text.count >= Self.copyPiece {
+                    try await writer.write(ByteBuffer(bytes: text))
+                    text.removeAll(keepingCapacity: true)
+                }
+            }
+            if !text.isEmpty { try await writer.write(ByteBuffer(bytes: text)) }
+        }
     }
+
+    /// Bytes of COPY data sent at a time.
+    static let copyPiece = 256 * 1024
 
     /// Whether `page` would go in by COPY now (for tests).
     package func copies(_ page: SnapshotPage) async throws -> Bool {

@@ -93,16 +93,17 @@ package struct PostgresSource {
         }
     }
 
-    /// Sends `text`, rows in COPY's text format, to `COPY table (columns) FROM STDIN`, guarded
-    /// against a dropped connection like a statement.
+    /// Runs `COPY table (columns) FROM STDIN` with the rows `write` sends in COPY's text format,
+    /// guarded against a dropped connection like a statement.
     ///
     /// PostgresNIO puts `table` between double quotes as it is: pass `schema"."name` with any
     /// quote in them doubled (``quoteInside(_:)``) to name a table outside the search path.
-    func copy(into table: String, columns: [String], text: [UInt8]) async throws {
+    func copy(
+        into table: String, columns: [String],
+        writing write: @escaping @Sendable (PostgresCopyFromWriter) async throws -> Void
+    ) async throws {
         _ = try await guarded(doing: "COPY \(table)") { connection, logger in
-            try await connection.copyFrom(table: table, columns: columns, logger: logger) { writer in
-                try await writer.write(ByteBuffer(bytes: text))
-            }
+            try await connection.copyFrom(table: table, columns: columns, logger: logger, writeData: write)
             return []
         }
     }

@@ -120,4 +120,32 @@ import Testing
             + "\t7\t\\\\\\\\\n"
         #expect(String(decoding: bytes, as: UTF8.self) == expected)
     }
+
+    /// The eight-bytes-at-a-time scan finds every byte to escape wherever it lies, and a
+    /// replica row's version is written in decimal.
+    @Test func copyTextEscapesAtEveryOffsetAndWritesVersions() {
+        let specials: [(Character, String)] = [("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r")]
+        for length in 0..<20 {
+            for offset in 0..<max(length, 1) {
+                for (special, escaped) in specials {
+                    var plain = Array(repeating: Character("a"), count: length)
+                    var expected = String(plain)
+                    if length > 0 {
+                        // A control byte just past the ones escaped goes through as it is.
+                        plain[(offset + 3) % length] = "\u{0E}"
+                        plain[offset] = special
+                        expected = plain.map { $0 == special ? escaped : String($0) }.joined()
+                    }
+                    var bytes: [UInt8] = []
+                    PostgresCopyText.appendRow(key: String(plain), version: 7, value: "é\(String(plain))", to: &bytes)
+                    #expect(String(decoding: bytes, as: UTF8.self) == "\(expected)\t7\té\(expected)\n")
+                }
+            }
+        }
+        for version in [Int64.min, -1, 0, 9, 10, 1_234_567_890, Int64.max] {
+            var bytes: [UInt8] = []
+            PostgresCopyText.appendRow(key: "k", version: version, value: "v", to: &bytes)
+            #expect(String(decoding: bytes, as: UTF8.self) == "k\t\(version)\tv\n")
+        }
+    }
 }

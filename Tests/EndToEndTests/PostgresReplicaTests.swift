@@ -157,6 +157,40 @@ extension PostgresCaptureTests {
         await replica.close()
     }
 
+    /// Whether a page goes in by COPY is asked of its key range first: a row held inside the
+    /// range sends the page to the merge only when it is one of the page's keys.
+    @Test func aRowHeldInsideAPagesKeyRangeIsAskedKeyByKey() async throws {
+        let url = try await PostgresHarness.database()
+        let replica = try await PostgresReplicaStore.open(
+            url: url, configuration: .init(schema: "ranges"), logger: Harness.logger)
+        let collection = "ranged"
+        _ = try await replica.initialize(
+            feedID: "feed", source: "http://127.0.0.1:1", head: 100, collections: [collection], filter: nil)
+        try await replica.apply(
+            [
+                .change(
+                    Change(
+                        lsn: 101, collection: collection, key: "m", operation: .upsert, value: #"{"log":true}"#,
+                        isCommit: true))
+            ], through: 101)
+        func page(_ keys: [String]) -> SnapshotPage {
+            SnapshotPage(
+                collection: collection, lsn: 100, records: keys.map { Record(key: $0, version: 50, value: "1") },
+                hasMore: true)
+        }
+        // "m" lies between the keys, but is not one of them: still copied.
+        #expect(try await replica.copies(page(["k", "n"])))
+        #expect(try await replica.copies(page(["z", "a"])))
+        // One of the keys, whichever order they come in: merged.
+        #expect(try await !replica.copies(page(["k", "m", "n"])))
+        #expect(try await !replica.copies(page(["z", "m"])))
+        try await replica.apply(page(["k", "m", "n"]))
+        let stored = try await replica.records(of: collection)
+        #expect(stored.map(\.key) == ["k", "m", "n"])
+        #expect(stored.map(\.version) == [50, 101, 50])
+        await replica.close()
+    }
+
     /// Once following, a batch of changes whose keys the table does not hold goes in by COPY,
     /// any other by a merging INSERT: awkward keys and values come back exact, and a row
     /// inserted behind Concord's back under a key a change creates is overwritten, not a failure.
