@@ -218,9 +218,15 @@ public final class PostgresReplicaStore: ReplicaStoring {
         async throws -> ReplicaState
     {
         do {
-            return try await writer.transaction { db in
+            let (state, empty) = try await writer.transaction { db in
                 try await lockReplica(db)
-                if let existing = try await readState(db) { return existing }
+                if let existing = try await readState(db) { return (existing, false) }
+                // A schema with no collection yet: the bootstrap can keep digests and sketches
+                // from the pages it copies, starting from nothing.
+                let empty =
+                    try await db.rows(
+                        "SELECT NOT EXISTS (SELECT 1 FROM \(unescaped: table("concord_collections")))"
+                    ).first?.decode(Bool.self) ?? false
                 var binds = PostgresBindings()
                 binds.append(feedID)
                 binds.append(source)
@@ -248,8 +254,10 @@ public final class PostgresReplicaStore: ReplicaStoring {
                         """)
                 }
                 try await createTables(collections, in: db)
-                return try await readState(db)!
+                return (try await readState(db)!, empty)
             }
+            if empty, configuration.tracksDigests { sketches.install(SketchSet(capacity: ReplicaSketch.capacity)) }
+            return state
         } catch {
             throw Self.failure(error, "cannot initialize replica")
         }
@@ -604,22 +612,46 @@ public final class PostgresReplicaStore: ReplicaStoring {
                 binds: binds))
     }
 
+    /// Applies a snapshot page. A page copied in adds only new rows: its records go into the
+    /// collection's digest and sketch as they go in, as changes applied in order do, so a first
+    /// bootstrap ends with digests and sketches that need no scan of the rows. A page that sweeps
+    /// or merges leaves them to be built again from the rows.
     public func apply(_ page: SnapshotPage) async throws {
+        try await sketches.forgettingOnFailure { try await applyPage(page) }
+    }
+
+    private func applyPage(_ page: SnapshotPage) async throws {
         try await write("cannot apply snapshot page") { db in
             guard let state = try await readState(db) else {
                 throw ConcordError(.storage, "replica is not initialized")
             }
             guard let cursor = state.progress.remaining[page.collection] else { return }  // already complete
             try await createTables([page.collection], in: db)
-            try await invalidateDigests([page.collection], in: db)
-            sketches.invalidate()
             let sweep =
                 try await db.rows(
                     "SELECT sweep FROM \(unescaped: table("concord_bootstrap")) WHERE collection = \(page.collection)"
                 ).first?.decode(Bool.self) ?? false
             if sweep { try await self.sweep(page, after: cursor, in: db) }
+            let copied = try await holdsNone(of: page, in: db)
+            if copied, !sweep, configuration.tracksDigests {
+                var ledger = try await DigestLedger.load(
+                    [page.collection], from: table("concord_collections"), in: db)
+                if ledger.tracks(page.collection) {
+                    for record in page.records {
+                        ledger.record(page.collection, before: nil, after: Element(page.collection, record))
+                    }
+                    try await ledger.save(to: table("concord_collections"), in: db)
+                    // Before the commit, under the replica's lock, as changes applied in order.
+                    sketches.queue(ledger.elementChanges)
+                } else {
+                    sketches.invalidate()
+                }
+            } else if !page.records.isEmpty || sweep {
+                try await invalidateDigests([page.collection], in: db)
+                sketches.invalidate()
+            }
             if !page.records.isEmpty {
-                if try await holdsNone(of: page, in: db) {
+                if copied {
                     try await copy(RowColumns(page.records), into: page.collection, in: db)
                 } else {
                     try await mergeUpsert(RowColumns(page.records), into: page.collection, in: db)

@@ -191,6 +191,44 @@ extension PostgresCaptureTests {
         await replica.close()
     }
 
+    /// A first bootstrap into an empty schema keeps its digests and sketches from the pages it
+    /// copies and the changes applied meanwhile, equal to a scan of the rows; a page that merges
+    /// leaves them to a scan.
+    @Test func copiedPagesKeepTheDigestsAndSketchesAndAMergedOneLeavesThemToAScan() async throws {
+        let url = try await PostgresHarness.database()
+        func records(_ numbers: ClosedRange<Int>) -> [Record] {
+            numbers.map { Record(key: String(format: "%04d", $0), version: LSN($0), value: #"{"n":\#($0)}"#) }
+        }
+        for (schema, changedKey, kept) in [("kept", "0200", true), ("merged", "0070", false)] {
+            let replica = try await PostgresReplicaStore.open(
+                url: url, configuration: .init(schema: schema), logger: Harness.logger)
+            _ = try await replica.initialize(
+                feedID: "feed", source: "http://127.0.0.1:1", head: 100, collections: ["items", "none"],
+                filter: nil)
+            try await replica.apply(
+                SnapshotPage(collection: "items", lsn: 100, records: records(1...50), hasMore: true))
+            try await replica.apply(
+                [
+                    .change(
+                        Change(
+                            lsn: 101, collection: "items", key: changedKey, operation: .upsert,
+                            value: #"{"new":true}"#, isCommit: true))
+                ], through: 101)
+            try await replica.apply(
+                SnapshotPage(collection: "items", lsn: 100, records: records(51...100), hasMore: false))
+            try await replica.apply(SnapshotPage(collection: "none", lsn: 100, records: [], hasMore: false))
+            #expect(try await replica.completeBootstrapIfReady())
+            #expect(try await replica.digestsReady() == kept, "\(schema)")
+            if !kept { try await replica.rebuildDigests() }
+            #expect(try await replica.scrub().isEmpty, "\(schema): the stored digests are the rows'")
+            let scanned = try await replica.scanAll(progress: nil)
+            #expect(scanned["items"]?.digest.count == (kept ? 101 : 100))
+            #expect(try await replica.sketch(of: "items").symbols == scanned["items"]?.sketch.symbols)
+            #expect(try await replica.check(Checkpoint(lsn: 101, digests: scanned.mapValues(\.digest))) == .verified)
+            await replica.close()
+        }
+    }
+
     /// Once following, a batch of changes whose keys the table does not hold goes in by COPY,
     /// any other by a merging INSERT: awkward keys and values come back exact, and a row
     /// inserted behind Concord's back under a key a change creates is overwritten, not a failure.
