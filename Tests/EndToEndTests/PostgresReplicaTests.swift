@@ -114,17 +114,25 @@ extension PostgresCaptureTests {
         }
     }
 
+    /// A replica store in `schema`, bootstrapping `collections` from a source at `head`.
+    static func bootstrappingReplica(_ url: String, schema: String, head: LSN, collections: [String]) async throws
+        -> PostgresReplicaStore
+    {
+        let replica = try await PostgresReplicaStore.open(
+            url: url, configuration: .init(schema: schema), logger: Harness.logger)
+        _ = try await replica.initialize(
+            feedID: "feed", source: "http://127.0.0.1:1", head: head, collections: collections, filter: nil)
+        return replica
+    }
+
     /// Snapshot pages go in by COPY where the replica holds none of their keys, and by a
     /// merging INSERT where it does: keys and values with tabs, newlines and backslashes come
     /// back as sent, and a change or delete newer than a page wins over it either way. The
     /// collection is named like a system catalog table, which an unqualified COPY would hit.
     @Test func snapshotPagesAreCopiedOrMergedByWhatTheReplicaHolds() async throws {
         let url = try await PostgresHarness.database()
-        let replica = try await PostgresReplicaStore.open(
-            url: url, configuration: .init(schema: "pages"), logger: Harness.logger)
         let collection = "pg_class"
-        _ = try await replica.initialize(
-            feedID: "feed", source: "http://127.0.0.1:1", head: 100, collections: [collection], filter: nil)
+        let replica = try await Self.bootstrappingReplica(url, schema: "pages", head: 100, collections: [collection])
         let awkward = ["a\tb", "line\nbreak", "back\\slash", "cr\rlf", "quote\"s", "é ü", "\\", "\\.", "\\N", "plain"]
         var expected: [String: Record] = [:]
         // In the publisher's (byte) order, as pages come.
@@ -161,11 +169,8 @@ extension PostgresCaptureTests {
     /// range sends the page to the merge only when it is one of the page's keys.
     @Test func aRowHeldInsideAPagesKeyRangeIsAskedKeyByKey() async throws {
         let url = try await PostgresHarness.database()
-        let replica = try await PostgresReplicaStore.open(
-            url: url, configuration: .init(schema: "ranges"), logger: Harness.logger)
         let collection = "ranged"
-        _ = try await replica.initialize(
-            feedID: "feed", source: "http://127.0.0.1:1", head: 100, collections: [collection], filter: nil)
+        let replica = try await Self.bootstrappingReplica(url, schema: "ranges", head: 100, collections: [collection])
         try await replica.apply(
             [
                 .change(
@@ -200,11 +205,8 @@ extension PostgresCaptureTests {
             numbers.map { Record(key: String(format: "%04d", $0), version: LSN($0), value: #"{"n":\#($0)}"#) }
         }
         for (schema, changedKey, kept) in [("kept", "0200", true), ("merged", "0070", false)] {
-            let replica = try await PostgresReplicaStore.open(
-                url: url, configuration: .init(schema: schema), logger: Harness.logger)
-            _ = try await replica.initialize(
-                feedID: "feed", source: "http://127.0.0.1:1", head: 100, collections: ["items", "none"],
-                filter: nil)
+            let replica = try await Self.bootstrappingReplica(
+                url, schema: schema, head: 100, collections: ["items", "none"])
             try await replica.apply(
                 SnapshotPage(collection: "items", lsn: 100, records: records(1...50), hasMore: true))
             try await replica.apply(
@@ -234,11 +236,8 @@ extension PostgresCaptureTests {
     /// inserted behind Concord's back under a key a change creates is overwritten, not a failure.
     @Test func followingChangesOfNewKeysAreCopiedAndOthersMerged() async throws {
         let url = try await PostgresHarness.database()
-        let replica = try await PostgresReplicaStore.open(
-            url: url, configuration: .init(schema: "stream"), logger: Harness.logger)
         let collection = "items"
-        _ = try await replica.initialize(
-            feedID: "feed", source: "http://127.0.0.1:1", head: 0, collections: [collection], filter: nil)
+        let replica = try await Self.bootstrappingReplica(url, schema: "stream", head: 0, collections: [collection])
         try await replica.apply(SnapshotPage(collection: collection, lsn: 0, records: [], hasMore: false))
         #expect(try await replica.completeBootstrapIfReady())
         func upsert(_ lsn: LSN, _ key: String, _ value: String, commit: Bool = false) -> StreamItem {
