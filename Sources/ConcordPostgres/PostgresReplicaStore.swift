@@ -643,7 +643,7 @@ public final class PostgresReplicaStore: ReplicaStoring {
                     try await ledger.save(to: table("concord_collections"), in: db)
                     // Before the commit, under the replica's lock, as changes applied in order.
                     sketches.queue(ledger.elementChanges)
-                } else {
+                } else if !page.records.isEmpty {
                     sketches.invalidate()
                 }
             } else if !page.records.isEmpty || sweep {
