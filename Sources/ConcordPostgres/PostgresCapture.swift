@@ -368,6 +368,8 @@ public final class PostgresCapture: Service, Sendable {
         // Read through a cursor: rows are written to the log between two fetches.
         do {
             try await source.forEachPage(of: sql, cursor: "concord_copy", pageSize: 5000) { rows in
+                var page: [(key: String, value: String)] = []
+                page.reserveCapacity(rows.count)
                 for row in rows {
                     let cells = row.makeRandomAccess()
                     var columns: [PostgresDecoding.Column] = []
@@ -378,17 +380,25 @@ public final class PostgresCapture: Service, Sendable {
                             PostgresDecoding.Column(
                                 name: column.name, json: PostgresDecoding.json(text: text, typeOID: column.typeOID)))
                     }
-                    let key = try PostgresDecoding.key(columns, keyColumns: table.keyColumns)
                     // Built here from column values PostgresDecoding.json made: JSON already.
-                    let value = PostgresDecoding.value(columns)
-                    rowCount += 1
-                    // Only a collection that already held records can have some to delete.
-                    if !existing.isEmpty {
-                        seen.insert(key)
-                        if existing.contains(key), try await store.value(of: table.collection, key: key) == value {
-                            continue
-                        }
-                    }
+                    page.append(
+                        (
+                            try PostgresDecoding.key(columns, keyColumns: table.keyColumns),
+                            PostgresDecoding.value(columns)
+                        ))
+                }
+                rowCount += page.count
+                // Only a collection that already held records can have some to delete, or some
+                // equal already: those the log holds are looked up a page at a time.
+                var stored = [String?](repeating: nil, count: page.count)
+                if !existing.isEmpty {
+                    for (key, _) in page { seen.insert(key) }
+                    let held = page.indices.filter { existing.contains(page[$0].key) }
+                    let values = try await store.values(of: table.collection, keys: held.map { page[$0].key })
+                    for (index, value) in zip(held, values) { stored[index] = value }
+                }
+                for (index, (key, value)) in page.enumerated() {
+                    if stored[index] == value { continue }
                     batch.append(.upsert(table.collection, key, checkedJSON: value))
                     if batch.count >= configuration.copyBatch {
                         // Written while the next rows are fetched and encoded.
@@ -622,8 +632,8 @@ struct TransactionBuilder: Sendable {
             var full = columns
             let given = Set(columns.map(\.name))
             if !table.columns.allSatisfy({ given.contains($0.name) }) {
-                var previous = try await current(table, key: oldKey)
-                if previous == nil { previous = try await current(table, key: key) }
+                var previous = try current(table, key: oldKey)
+                if previous == nil { previous = try current(table, key: key) }
                 full = try PostgresDecoding.merged(columns, previous: previous)
             }
             if oldKey != key { delete(table, key: oldKey) }
@@ -643,9 +653,9 @@ struct TransactionBuilder: Sendable {
         }
     }
 
-    func current(_ table: PostgresCapture.Table, key: String) async throws -> String? {
+    func current(_ table: PostgresCapture.Table, key: String) throws -> String? {
         if let entry = written[table.collection]?[key] { return entry.value }
-        return try await store.value(of: table.collection, key: key)
+        return try store.value(of: table.collection, key: key)
     }
 
     mutating func remember(_ value: String?, of table: PostgresCapture.Table, key: String) {

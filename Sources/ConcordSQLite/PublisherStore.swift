@@ -268,12 +268,43 @@ public final class PublisherStore: Sendable {
         }
     }
 
-    /// The current value of one record, `nil` when there is none.
-    public func value(of collection: String, key: String) async throws -> String? {
-        try await pool.read { db in
-            try String.fetchOne(
-                db, sql: "SELECT value FROM concord_records WHERE collection = ? AND key = ?",
-                arguments: [collection, key])
+    /// The current value of one record, `nil` when there is none. Read on the calling thread:
+    /// a capture asks this once per changed row that left a large value out, and a hop to a
+    /// reader's queue and back would cost twenty times the lookup.
+    public func value(of collection: String, key: String) throws -> String? {
+        try pool.read { db in
+            let find = RawStatement(
+                try db.cachedStatement(sql: "SELECT value FROM concord_records WHERE collection = ?1 AND key = ?2"),
+                in: db)
+            defer { find.reset() }
+            find.bind(1, collection)
+            find.bind(2, key)
+            return try find.step() ? find.text(0) : nil
+        }
+    }
+
+    /// The current values of many records of one collection, read in one transaction: one
+    /// entry per key, in the order asked, `nil` where there is no record.
+    public func values(of collection: String, keys: [String]) async throws -> [String?] {
+        do {
+            return try await pool.read { db in
+                let find = RawStatement(
+                    try db.cachedStatement(
+                        sql: "SELECT value FROM concord_records WHERE collection = ?1 AND key = ?2"),
+                    in: db)
+                defer { find.reset() }
+                find.bind(1, collection)
+                var values: [String?] = []
+                values.reserveCapacity(keys.count)
+                for key in keys {
+                    find.bind(2, key)
+                    values.append(try find.step() ? find.text(0) : nil)
+                    find.reset()
+                }
+                return values
+            }
+        } catch {
+            throw ConcordError.storage(error, "cannot read collection \(collection)")
         }
     }
 

@@ -87,6 +87,22 @@ func temporaryFile(_ name: String) -> String {
         #expect(indexes.contains("concord_records_key_hash"))
     }
 
+    @Test func valuesAreLookedUpOneAtATimeOrManyInTheOrderAsked() async throws {
+        let store = try PublisherStore(path: temporaryFile("p.sqlite"))
+        try await store.write([
+            .upsert("users", "1", json: "1"), .upsert("users", "2", json: #"{"a":2}"#),
+            .upsert("teams", "3", json: "3"),
+        ])
+        try await store.write([.delete("users", "1")])
+        #expect(try store.value(of: "users", key: "2") == #"{"a":2}"#)
+        #expect(try store.value(of: "users", key: "1") == nil)
+        #expect(try store.value(of: "users", key: "3") == nil)
+        // A key twice, a deleted one, one of another collection and one never written.
+        let values = try await store.values(of: "users", keys: ["2", "1", "3", "2", "9"])
+        #expect(values == [#"{"a":2}"#, nil, nil, #"{"a":2}"#, nil])
+        #expect(try await store.values(of: "users", keys: []).isEmpty)
+    }
+
     @Test func aWriteWithInvalidJSONChangesNothing() async throws {
         let store = try PublisherStore(path: temporaryFile("p.sqlite"))
         try await store.write([.upsert("users", "1", json: "1")])

@@ -259,6 +259,50 @@ import Testing
         await check.close()
     }
 
+    /// The slot dropped while the publisher was down: the copy made again writes exactly the
+    /// rows that changed or vanished meanwhile, and leaves the equal ones alone.
+    @Test func aCopyMadeAgainWritesOnlyTheRowsThatChanged() async throws {
+        let (url, sql) = try await Self.database()
+        try await Self.fillInitialRows(sql)
+        let folder = Harness.folder()
+        let publisherDB = folder.appendingPathComponent("source.sqlite").path
+        let (first, _) = try await Self.serve(folder, url: url)
+        try await Harness.waitUntil("the first copy is done", timeout: .seconds(60)) {
+            (try? Self.capture(of: publisherDB))?.streaming == true
+        }
+        #expect(first.terminate() == 0)
+        let copied = try Self.capture(of: publisherDB).head
+        #expect(copied == 3600)
+        try await sql.run("UPDATE customers SET name = 'changed' WHERE id IN (7, 2500)")
+        try await sql.run("UPDATE order_lines SET qty = -1 WHERE order_no = 'o10' AND line = 1")
+        try await sql.run("UPDATE order_lines SET note = 'changed' WHERE order_no = 'o99' AND line = 2")
+        try await sql.run("DELETE FROM customers WHERE id IN (1, 3000)")
+        // The stopped publisher's connection takes a moment to let go of the slot.
+        try await Harness.waitUntil("the slot is dropped", timeout: .seconds(30)) {
+            (try? await sql.run("SELECT pg_drop_replication_slot('\(Self.slot(url))')")) != nil
+        }
+        let (second, port) = try await Self.serve(folder, url: url)
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
+            try await Self.waitForSentinel(replica, url: url, log: folder.appendingPathComponent("serve.log"))
+        }
+        // Two rows changed in each table and two deleted; the sentinel may come twice, from the
+        // copy and from the slot.
+        let written = try await DatabaseQueue(path: publisherDB).read { db in
+            try String.fetchAll(
+                db, sql: "SELECT collection || ' ' || key FROM concord_log WHERE lsn > ? AND collection != 'sentinels'",
+                arguments: [Int64(copied)])
+        }
+        #expect(
+            written.sorted() == [
+                "customers 1", "customers 2500", "customers 3000", "customers 7", #"order_lines ["o10","1"]"#,
+                #"order_lines ["o99","2"]"#,
+            ])
+        try await Self.expectEqualToTables(replica, sql: sql)
+        #expect(second.terminate() == 0)
+        await sql.close()
+    }
+
     /// The publisher is down longer than PostgreSQL keeps WAL for its slot (max_slot_wal_keep_size):
     /// the server invalidates the slot, and the publisher, started again, makes a new one and
     /// copies the tables again, deleting what vanished meanwhile; nothing is lost.
