@@ -275,32 +275,18 @@ extension Bench {
         results["postgres_concord_sync_seconds"] = concordSync
         results["postgres_concord_apply_seconds"] = concordApply
         results["postgres_concord_verified_seconds"] = concordVerified
+        let headBeforeCopy = try await feedClient.feed().head
         Self.stop(follower)
         Self.stop(publisher)
         try await source.run("SELECT pg_drop_replication_slot('concord_bench_capture')")
 
         // The slot dropped while the publisher was down: started again, it copies the table
         // again, finds every row equal to what it holds, writes nothing and streams on.
-        let headBeforeCopy = try await feedClient.feed().head
-        try? FileManager.default.removeItem(atPath: portFile)
         started = ContinuousClock.now
-        let restarted = try Self.child(
-            binary,
-            [
-                "serve", "--db", folder.appendingPathComponent("pg-publisher.sqlite").path, "--port", "0",
-                "--port-file", portFile, "--postgres", sourceURL, "--tables", "public.src", "--slot",
-                "concord_bench_capture", "--log-level", "warning",
-            ])
+        let (restarted, restartedPort) = try await Self.readyPublisher(
+            binary, db: folder.appendingPathComponent("pg-publisher.sqlite").path, source: sourceURL,
+            tables: "public.src", slot: "concord_bench_capture", portFile: portFile, http: http)
         defer { Self.stop(restarted) }
-        var restartedPort = 0
-        try await Self.poll("the publisher copies again and streams", timeout: .seconds(900)) {
-            guard restarted.isRunning else { throw ConcordError(.internal, "concord serve exited") }
-            if restartedPort == 0 {
-                restartedPort = (try? String(contentsOfFile: portFile, encoding: .utf8)).flatMap { Int($0) } ?? 0
-                if restartedPort == 0 { return false }
-            }
-            return try await http.get(url: "http://127.0.0.1:\(restartedPort)/readyz").get().status == .ok
-        }
         let recopy = (ContinuousClock.now - started).seconds
         let recopyCPU = ProcessCPU.seconds(of: restarted.processIdentifier)
         let headAfterCopy = try await SourceClient(baseURL: "http://127.0.0.1:\(restartedPort)", http: http).feed().head
@@ -312,6 +298,36 @@ extension Bench {
         results["postgres_concord_recopy_seconds"] = recopy
         Self.stop(restarted)
         try await source.run("SELECT pg_drop_replication_slot('concord_bench_capture')")
+
+        // Updates that leave a large out-of-line (TOASTed) value alone: wal2json leaves the value
+        // out, and the publisher takes it from the record it holds.
+        let documents = min(rows, 20_000)
+        try await source.run("CREATE TABLE doc (id bigint PRIMARY KEY, status text NOT NULL, body text NOT NULL)")
+        try await source.run("ALTER TABLE doc ALTER body SET STORAGE EXTERNAL")
+        try await source.run(
+            "INSERT INTO doc SELECT i, 'new', repeat(md5(i::text), 100) FROM generate_series(1, \(documents)) i")
+        let (documentPublisher, documentPort) = try await Self.readyPublisher(
+            binary, db: folder.appendingPathComponent("pg-documents.sqlite").path, source: sourceURL,
+            tables: "public.doc", slot: "concord_bench_documents", portFile: portFile, http: http)
+        defer { Self.stop(documentPublisher) }
+        let documentClient = SourceClient(baseURL: "http://127.0.0.1:\(documentPort)", http: http)
+        let documentHead = try await documentClient.feed().head
+        let documentCPU = ProcessCPU.seconds(of: documentPublisher.processIdentifier)
+        started = ContinuousClock.now
+        try await source.run("UPDATE doc SET status = 'shipped'")
+        try await Self.poll("the publisher captures the updates", timeout: .seconds(600)) {
+            try await documentClient.feed().head >= documentHead + LSN(documents)
+        }
+        let toasted = (ContinuousClock.now - started).seconds
+        say(
+            String(
+                format:
+                    "  Concord: %d updates leaving a 3,200-byte out-of-line value out, captured into the publisher in %.2f s (%.1f µs of CPU each)",
+                documents, toasted,
+                (ProcessCPU.seconds(of: documentPublisher.processIdentifier) - documentCPU) * 1e6 / Double(documents)))
+        results["postgres_concord_toasted_updates_seconds"] = toasted
+        Self.stop(documentPublisher)
+        try await source.run("SELECT pg_drop_replication_slot('concord_bench_documents')")
         await replica.close()
         await source.close()
         if !keep {
@@ -338,6 +354,36 @@ extension Bench {
         process.standardOutput = FileHandle.nullDevice
         try process.run()
         return process
+    }
+
+    /// Starts `concord serve --postgres` and waits until it has copied the tables and streams
+    /// (its `/readyz` answers 200); returns the process and its port.
+    static func readyPublisher(
+        _ binary: String, db: String, source: String, tables: String, slot: String, portFile: String,
+        http: HTTPClient
+    ) async throws -> (Process, Int) {
+        try? FileManager.default.removeItem(atPath: portFile)
+        let publisher = try child(
+            binary,
+            [
+                "serve", "--db", db, "--port", "0", "--port-file", portFile, "--postgres", source, "--tables", tables,
+                "--slot", slot, "--log-level", "warning",
+            ])
+        var port = 0
+        do {
+            try await poll("the publisher copies \(tables) and streams", timeout: .seconds(900)) {
+                guard publisher.isRunning else { throw ConcordError(.internal, "concord serve exited") }
+                if port == 0 {
+                    port = (try? String(contentsOfFile: portFile, encoding: .utf8)).flatMap { Int($0) } ?? 0
+                    if port == 0 { return false }
+                }
+                return try await http.get(url: "http://127.0.0.1:\(port)/readyz").get().status == .ok
+            }
+        } catch {
+            stop(publisher)
+            throw error
+        }
+        return (publisher, port)
     }
 
     static func stop(_ process: Process) {
@@ -425,7 +471,7 @@ final class PostgresAdmin: Sendable {
             try await run(
                 """
                 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                WHERE slot_name IN ('concord_bench_pg', 'concord_bench_capture') AND NOT active
+                WHERE slot_name IN ('concord_bench_pg', 'concord_bench_capture', 'concord_bench_documents') AND NOT active
                 """)
             return try await !flag(
                 "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'concord_bench%')")
