@@ -389,13 +389,15 @@ public final class PostgresCapture: Service, Sendable {
                 }
                 rowCount += page.count
                 // Only a collection that already held records can have some to delete, or some
-                // equal already: those the log holds are looked up a page at a time.
+                // equal already: the records held are looked up a page at a time.
                 var stored = [String?](repeating: nil, count: page.count)
                 if !existing.isEmpty {
                     for (key, _) in page { seen.insert(key) }
                     let held = page.indices.filter { existing.contains(page[$0].key) }
-                    let values = try await store.values(of: table.collection, keys: held.map { page[$0].key })
-                    for (index, value) in zip(held, values) { stored[index] = value }
+                    if !held.isEmpty {
+                        let values = try await store.values(of: table.collection, keys: held.map { page[$0].key })
+                        for (index, value) in zip(held, values) { stored[index] = value }
+                    }
                 }
                 for (index, (key, value)) in page.enumerated() {
                     if stored[index] == value { continue }

@@ -288,7 +288,9 @@ import Testing
         }
         // Two rows changed in each table and two deleted; the sentinel may come twice, from the
         // copy and from the slot.
-        let written = try await DatabaseQueue(path: publisherDB).read { db in
+        var readOnly = Configuration()
+        readOnly.readonly = true
+        let written = try await DatabaseQueue(path: publisherDB, configuration: readOnly).read { db in
             try String.fetchAll(
                 db, sql: "SELECT collection || ' ' || key FROM concord_log WHERE lsn > ? AND collection != 'sentinels'",
                 arguments: [Int64(copied)])
