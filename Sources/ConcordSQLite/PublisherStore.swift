@@ -281,16 +281,7 @@ public final class PublisherStore: Sendable {
     /// asynchronous read such updates cost three times as much CPU.
     public func value(of collection: String, key: String) throws -> String? {
         do {
-            return try lookups.read { db in
-                let find = RawStatement(
-                    try db.cachedStatement(
-                        sql: "SELECT value FROM concord_records WHERE collection = ?1 AND key = ?2"),
-                    in: db)
-                defer { find.reset() }
-                find.bind(1, collection)
-                find.bind(2, key)
-                return try find.step() ? find.text(0) : nil
-            }
+            return try lookups.read { db in try Self.values(of: collection, keys: [key], in: db)[0] }
         } catch {
             throw ConcordError.storage(error, "cannot read collection \(collection)")
         }
@@ -300,25 +291,25 @@ public final class PublisherStore: Sendable {
     /// entry per key, in the order asked, `nil` where there is no record.
     public func values(of collection: String, keys: [String]) async throws -> [String?] {
         do {
-            return try await pool.read { db in
-                let find = RawStatement(
-                    try db.cachedStatement(
-                        sql: "SELECT value FROM concord_records WHERE collection = ?1 AND key = ?2"),
-                    in: db)
-                defer { find.reset() }
-                find.bind(1, collection)
-                var values: [String?] = []
-                values.reserveCapacity(keys.count)
-                for key in keys {
-                    find.bind(2, key)
-                    values.append(try find.step() ? find.text(0) : nil)
-                    find.reset()
-                }
-                return values
-            }
+            return try await pool.read { db in try Self.values(of: collection, keys: keys, in: db) }
         } catch {
             throw ConcordError.storage(error, "cannot read collection \(collection)")
         }
+    }
+
+    static func values(of collection: String, keys: [String], in db: Database) throws -> [String?] {
+        let find = RawStatement(
+            try db.cachedStatement(sql: "SELECT value FROM concord_records WHERE collection = ?1 AND key = ?2"), in: db)
+        defer { find.reset() }
+        find.bind(1, collection)
+        var values: [String?] = []
+        values.reserveCapacity(keys.count)
+        for key in keys {
+            find.bind(2, key)
+            values.append(try find.step() ? find.text(0) : nil)
+            find.reset()
+        }
+        return values
     }
 
     /// Every key of a collection, in key order.
