@@ -190,15 +190,6 @@ public enum PostgresDecoding {
 /// tab, rows ended by a newline, and a backslash, tab, newline or carriage return inside a
 /// value written as its backslash escape.
 public enum PostgresCopyText {
-    /// Appends one row of `columns` to `bytes`.
-    public static func appendRow(_ columns: [String], to bytes: inout [UInt8]) {
-        for (index, column) in columns.enumerated() {
-            if index > 0 { bytes.append(0x09) }
-            appendField(column, to: &bytes)
-        }
-        bytes.append(0x0A)
-    }
-
     /// Appends the row of a replica table: key, version, value.
     public static func appendRow(key: String, version: Int64, value: String, to bytes: inout [UInt8]) {
         appendField(key, to: &bytes)

@@ -365,6 +365,12 @@ public final class PostgresCapture: Service, Sendable {
         var batch: [WriteOperation] = []
         var writing: Task<Void, any Error>?
         var copied = 0
+        // Into an empty collection every key is new: none is looked up.
+        let store = self.store
+        let fresh = existing.isEmpty
+        let writeBatch: @Sendable ([WriteOperation]) async throws -> Void = { operations in
+            _ = try await fresh ? store.insertNew(operations) : store.write(operations)
+        }
         // Read through a cursor: rows are written to the log between two fetches.
         do {
             try await source.forEachPage(of: sql, cursor: "concord_copy", pageSize: 5000) { rows in
@@ -406,10 +412,7 @@ public final class PostgresCapture: Service, Sendable {
                         // Written while the next rows are fetched and encoded.
                         try await writing?.value
                         let full = batch
-                        let store = self.store
-                        // Into an empty collection every key is new: none is looked up.
-                        let fresh = existing.isEmpty
-                        writing = Task { _ = try await fresh ? store.insertNew(full) : store.write(full) }
+                        writing = Task { try await writeBatch(full) }
                         copied += batch.count
                         batch.removeAll(keepingCapacity: true)
                     }
@@ -424,8 +427,7 @@ public final class PostgresCapture: Service, Sendable {
         // Records the copy no longer holds were deleted while no slot kept their deletes.
         batch += existing.subtracting(seen).sorted().map { .delete(table.collection, $0) }
         for start in stride(from: 0, to: batch.count, by: configuration.copyBatch) {
-            let part = Array(batch[start..<min(batch.count, start + configuration.copyBatch)])
-            _ = try await existing.isEmpty ? store.insertNew(part) : store.write(part)
+            try await writeBatch(Array(batch[start..<min(batch.count, start + configuration.copyBatch)]))
         }
         copied += batch.count
         logger.info(

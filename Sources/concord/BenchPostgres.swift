@@ -107,11 +107,7 @@ extension Bench {
         try await target.run("ALTER SUBSCRIPTION concord_bench SET (slot_name = NONE)")
         try await target.run("DROP SUBSCRIPTION concord_bench")
         // The subscription's sender takes a moment to let go of the slot.
-        try await Self.poll("PostgreSQL's slot is released", timeout: .seconds(30)) {
-            try await source.flag(
-                "SELECT count(pg_drop_replication_slot(slot_name)) = 1 FROM pg_replication_slots WHERE slot_name = 'concord_bench_pg' AND NOT active"
-            )
-        }
+        try await Self.dropSlot("concord_bench_pg", on: source)
         await target.close()
 
         // Concord: capture into a publisher, follow into a PostgreSQL replica, verified.
@@ -393,7 +389,7 @@ extension Bench {
         return (publisher, port)
     }
 
-    /// Drops a slot whose publisher was just stopped: its connection lets go of it a moment later.
+    /// Drops a slot whose user was just stopped: its connection lets go of it a moment later.
     static func dropSlot(_ slot: String, on source: PostgresAdmin) async throws {
         try await poll("replication slot \(slot) is dropped", timeout: .seconds(30)) {
             try await source.flag(

@@ -111,9 +111,9 @@ import Testing
     /// everything else (quotes, non-ASCII) goes through as it is.
     @Test func copyTextEscapesSeparatorsAndBackslashes() {
         var bytes: [UInt8] = []
-        PostgresCopyText.appendRow(["a\tb\\", "42", #"{"s":"x\"y","é":"\n"}"#], to: &bytes)
-        PostgresCopyText.appendRow(["tab\there", "1", "line\nbreak\r"], to: &bytes)
-        PostgresCopyText.appendRow(["", "7", "\\\\"], to: &bytes)
+        PostgresCopyText.appendRow(key: "a\tb\\", version: 42, value: #"{"s":"x\"y","é":"\n"}"#, to: &bytes)
+        PostgresCopyText.appendRow(key: "tab\there", version: 1, value: "line\nbreak\r", to: &bytes)
+        PostgresCopyText.appendRow(key: "", version: 7, value: "\\\\", to: &bytes)
         let expected =
             "a\\tb\\\\\t42\t{\"s\":\"x\\\\\"y\",\"é\":\"\\\\n\"}\n"
             + "tab\\there\t1\tline\\nbreak\\r\n"
