@@ -27,7 +27,8 @@ public enum PostgresDecoding {
 
     /// One row of wal2json's output.
     public enum Record: Sendable, Hashable {
-        case begin
+        /// The start of a transaction; `commit` is its commit's `nextlsn`, when wal2json gives it.
+        case begin(commit: UInt64?)
         /// The end of a transaction; `lsn` is the end of its commit record (`nextlsn`), which
         /// orders transactions.
         case commit(lsn: UInt64)
@@ -63,7 +64,7 @@ public enum PostgresDecoding {
             }
         }
         switch action {
-        case "B": return .begin
+        case "B": return .begin(commit: nextLSN.flatMap(lsn))
         case "C":
             guard let text = nextLSN, let lsn = lsn(text) else {
                 throw ConcordError(.protocolViolation, "wal2json commit without nextlsn: \(data.prefix(200))")

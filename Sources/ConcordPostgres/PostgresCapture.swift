@@ -36,6 +36,10 @@ public final class PostgresCapture: Service, Sendable {
         /// Two batches are held at a time, one filling while the other is written: about 36 MB
         /// of 225-byte rows.
         public var copyBatch = 50_000
+        /// A source transaction with more changes than this goes into the log in pieces of about
+        /// this many, each written while the next is read, in one SQLite transaction that commits
+        /// with the source's: readers still see it whole, and the publisher never holds it whole.
+        public var transactionPiece = 10_000
         public var backoffMaximum: Duration = .seconds(5)
 
         public init(url: String, tables: [String]) {
@@ -460,17 +464,21 @@ public final class PostgresCapture: Service, Sendable {
             "capturing changes", metadata: ["slot": "\(slot)", "after": "\(PostgresDecoding.lsnText(applied))"])
         let queue = CapturedTransactions(limit: configuration.maxQueuedChanges)
         let builder = TransactionBuilder(store: store, tables: byName)
+        let piece = configuration.transactionPiece
         let store = self.store
+        let logger = self.logger
         let idle = configuration.pollInterval
         do {
             try await ReplicationConnection.stream(url: configuration.url, slot: slot, options: options, logger: logger)
             { stream in
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     group.addTask {
-                        try await Self.read(stream.messages, with: builder, into: queue, after: applied)
+                        try await Self.read(
+                            stream.messages, with: builder, into: queue, after: applied, piece: piece)
                     }
                     group.addTask {
-                        try await Self.write(queue, to: store, confirmingOn: stream, after: applied, idle: idle)
+                        try await Self.write(
+                            queue, to: store, confirmingOn: stream, after: applied, idle: idle, logger: logger)
                     }
                     // Neither ends but by an error or a cancellation, which ends the other too.
                     try await group.next()
@@ -485,64 +493,98 @@ public final class PostgresCapture: Service, Sendable {
         }
     }
 
-    /// Turns the streamed wal2json lines into transactions and queues those past `applied`.
+    /// Turns the streamed wal2json lines into transactions and queues those past `applied`; a
+    /// transaction of more than `piece` changes is handed over in pieces while it is read.
     static func read(
         _ messages: ReplicationConnection.Messages, with builder: TransactionBuilder, into queue: CapturedTransactions,
-        after applied: UInt64
+        after applied: UInt64, piece: Int
     ) async throws {
         var builder = builder
         var inTransaction = false
         var lastCommit = applied
         var lastMovedOn = ContinuousClock.now - .seconds(1)
-        for try await message in messages {
-            queue.heard()
-            switch message {
-            case .data(let line):
-                let record = try PostgresDecoding.record(String(buffer: line))
-                switch record {
-                case .begin:
-                    builder.begin()
-                    inTransaction = true
-                case .commit(let lsn):
-                    inTransaction = false
-                    let operations = builder.commit()
-                    // Transactions the log already holds come again after a crash: skipped.
-                    if lsn > applied {
-                        try await queue.push(operations, commit: lsn, number: builder.committed)
+        // Where the transaction being read commits, when wal2json said so at its start.
+        var commitAhead: UInt64?
+        var pieces: TransactionPieces?
+        do {
+            for try await message in messages {
+                queue.heard()
+                switch message {
+                case .data(let line):
+                    let record = try PostgresDecoding.record(String(buffer: line))
+                    switch record {
+                    case .begin(let commit):
+                        builder.begin()
+                        inTransaction = true
+                        commitAhead = commit
+                    case .commit(let lsn):
+                        inTransaction = false
+                        let operations = builder.commit()
+                        if let open = pieces {
+                            try await open.add(operations)
+                            try open.end(marker: (Marker.lsn, PostgresDecoding.lsnText(lsn)))
+                            pieces = nil
+                        } else if lsn > applied {
+                            // Transactions the log already holds come again after a crash: skipped.
+                            try await queue.push(operations, commit: lsn, number: builder.committed)
+                        }
+                        lastCommit = max(lastCommit, lsn)
+                        builder.forget(through: queue.durableNumber)
+                    case .other:
+                        break
+                    default:
+                        try await builder.add(record)
+                        // Only a transaction known to come after the log's position goes in pieces:
+                        // one the log holds already is read past, one of unknown position held whole.
+                        guard builder.operations.count >= piece, let commit = commitAhead else { break }
+                        if commit <= applied {
+                            builder.dropOperations()
+                        } else {
+                            if pieces == nil {
+                                let open = TransactionPieces(limit: queue.limit)
+                                try await queue.push(open, number: builder.committed + 1)
+                                builder.pieces = open
+                                pieces = open
+                            }
+                            try await pieces!.add(builder.handOverOperations())
+                        }
                     }
-                    lastCommit = max(lastCommit, lsn)
-                    builder.forget(through: queue.durableNumber)
-                case .other:
-                    break
-                default:
-                    try await builder.add(record)
+                case .keepalive(let walEnd, let replyRequested):
+                    // Everything that committed up to walEnd has been sent, and a transaction still
+                    // open there commits after it: a quiet database, whose slot would otherwise keep
+                    // the whole server's WAL while other databases write, moves its position on (at
+                    // most once a second: each move is a write of the log's marker).
+                    if !inTransaction, walEnd > lastCommit, ContinuousClock.now - lastMovedOn >= .seconds(1) {
+                        try await queue.push([], commit: walEnd, number: builder.committed)
+                        lastCommit = walEnd
+                        lastMovedOn = .now
+                    }
+                    if replyRequested { queue.requestReply() }
                 }
-            case .keepalive(let walEnd, let replyRequested):
-                // Everything that committed up to walEnd has been sent, and a transaction still
-                // open there commits after it: a quiet database, whose slot would otherwise keep
-                // the whole server's WAL while other databases write, moves its position on (at
-                // most once a second: each move is a write of the log's marker).
-                if !inTransaction, walEnd > lastCommit, ContinuousClock.now - lastMovedOn >= .seconds(1) {
-                    try await queue.push([], commit: walEnd, number: builder.committed)
-                    lastCommit = walEnd
-                    lastMovedOn = .now
-                }
-                if replyRequested { queue.requestReply() }
             }
+            throw ConcordError(.unavailable, "the replication stream ended")
+        } catch {
+            // The pieces written so far are rolled back; the slot sends the transaction again.
+            pieces?.abort(error)
+            throw error
         }
-        throw ConcordError(.unavailable, "the replication stream ended")
     }
 
     /// Writes what is queued to the log, then confirms it to the server; answers keepalives.
     static func write(
         _ queue: CapturedTransactions, to store: PublisherStore, confirmingOn stream: ReplicationConnection.Stream,
-        after applied: UInt64, idle: Duration
+        after applied: UInt64, idle: Duration, logger: Logger
     ) async throws {
         var durable = applied
         var lastStatus = ContinuousClock.now
+        // A transaction in pieces this writer will not write is given up, or its reader waits on.
+        var taken: TransactionPieces?
+        defer { taken?.abort(ConcordError(.unavailable, "the log's writer stopped")) }
+        defer { queue.abandonPieces() }
         while true {
             try Task.checkCancellation()
             let batch = queue.takeAll()
+            taken = batch.pieces
             if let commit = batch.lastCommit {
                 try await store.write(
                     transactions: batch.transactions, marker: (Marker.lsn, PostgresDecoding.lsnText(commit)))
@@ -551,17 +593,60 @@ public final class PostgresCapture: Service, Sendable {
                 // The reader may have waited on this write, not on the server.
                 queue.heard()
             }
+            if let pieces = batch.pieces {
+                logger.info("a large source transaction goes into the log in pieces while it is read")
+                try await write(pieces, to: store, answering: queue, on: stream, durable: durable)
+                queue.markDurable(through: batch.piecesNumber)
+                durable = PostgresDecoding.lsn(try store.marker(Marker.lsn) ?? "") ?? durable
+                queue.heard()
+            }
             // The server times out a client silent for wal_sender_timeout (a minute by default);
             // the periodic update asks for an answer, so a server gone silent is noticed.
             let periodic = ContinuousClock.now - lastStatus > .seconds(10)
-            if batch.lastCommit != nil || batch.replyRequested || periodic {
+            if batch.lastCommit != nil || batch.pieces != nil || batch.replyRequested || periodic {
                 try await stream.confirm(flushed: durable, replyRequested: periodic)
                 lastStatus = .now
             }
             if ContinuousClock.now - queue.lastHeard > .seconds(60) {
                 throw ConcordError(.unavailable, "PostgreSQL sent nothing on the replication connection for 60 s")
             }
-            if batch.lastCommit == nil { try await Task.sleep(for: idle) }
+            if batch.lastCommit == nil && batch.pieces == nil { try await Task.sleep(for: idle) }
+        }
+    }
+
+    /// Writes a transaction handed over in pieces, however long the reading takes, answering
+    /// the server meanwhile: it drops a client that stays silent for `wal_sender_timeout`.
+    static func write(
+        _ pieces: TransactionPieces, to store: PublisherStore, answering queue: CapturedTransactions,
+        on stream: ReplicationConnection.Stream, durable: UInt64
+    ) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                try await withTaskCancellationHandler {
+                    _ = try await store.write(pieces)
+                } onCancel: {
+                    pieces.abort(CancellationError())
+                }
+            }
+            group.addTask {
+                var lastStatus = ContinuousClock.now
+                while true {
+                    try await Task.sleep(for: .milliseconds(200))
+                    let periodic = ContinuousClock.now - lastStatus > .seconds(10)
+                    if queue.takeReplyRequest() || periodic {
+                        try await stream.confirm(flushed: durable, replyRequested: periodic)
+                        lastStatus = .now
+                    }
+                }
+            }
+            do {
+                try await group.next()
+            } catch {
+                // The reason goes to the reader before the cancellation would.
+                pieces.abort(error)
+                throw error
+            }
+            group.cancelAll()
         }
     }
 
@@ -586,9 +671,18 @@ struct TransactionBuilder: Sendable {
     private(set) var operations: [WriteOperation] = []
     /// Transactions ended so far; the one being built has the next number.
     private(set) var committed = 0
-    /// Records written since the builder was made (`nil`: deleted), by collection and key, with
-    /// the number of the transaction that wrote them.
-    private var written: [String: [String: (value: String?, transaction: Int)]] = [:]
+    /// What a transaction not yet durable in the log did to a record.
+    enum Written {
+        case value(String)
+        case deleted
+        /// Written by a piece handed over: the value is in the store's open transaction.
+        case handedOver
+    }
+    /// Records written since the builder was made, by collection and key, with the number of
+    /// the transaction that wrote them.
+    private var written: [String: [String: (state: Written, transaction: Int)]] = [:]
+    /// The last transaction handed over in pieces, which answers for the records it wrote.
+    var pieces: TransactionPieces?
     private var writtenCount = 0
     /// Forgetting scans every entry: only once they are twice as many as after the last time.
     private var forgetAt = 100_000
@@ -601,6 +695,25 @@ struct TransactionBuilder: Sendable {
     /// Starts the next transaction; what the previous ones wrote stays visible.
     mutating func begin() {
         operations.removeAll()
+    }
+
+    /// The operations built so far, handed over as a piece of the transaction: what they wrote
+    /// is then looked up in ``pieces``, not held here.
+    mutating func handOverOperations() -> [WriteOperation] {
+        defer { operations = [] }
+        let transaction = committed + 1
+        for operation in operations {
+            guard let entry = written[operation.collection]?[operation.key], entry.transaction == transaction,
+                case .value = entry.state
+            else { continue }
+            written[operation.collection]![operation.key] = (.handedOver, transaction)
+        }
+        return operations
+    }
+
+    /// Drops the operations built so far, of a transaction the log already holds.
+    mutating func dropOperations() {
+        operations = []
     }
 
     /// Ends the transaction being built and returns its operations.
@@ -636,8 +749,8 @@ struct TransactionBuilder: Sendable {
             var full = columns
             let given = Set(columns.map(\.name))
             if !table.columns.allSatisfy({ given.contains($0.name) }) {
-                var previous = try current(table, key: oldKey)
-                if previous == nil { previous = try current(table, key: key) }
+                var previous = try await current(table, key: oldKey)
+                if previous == nil { previous = try await current(table, key: key) }
                 full = try PostgresDecoding.merged(columns, previous: previous)
             }
             if oldKey != key { delete(table, key: oldKey) }
@@ -649,7 +762,7 @@ struct TransactionBuilder: Sendable {
             guard let table = tables["\(schema).\(name)"] else { return }
             var keys = Set(try await store.keys(of: table.collection))
             for (key, entry) in written[table.collection] ?? [:] {
-                if entry.value == nil { keys.remove(key) } else { keys.insert(key) }
+                if case .deleted = entry.state { keys.remove(key) } else { keys.insert(key) }
             }
             for key in keys.sorted() { delete(table, key: key) }
         case .begin, .commit, .other:
@@ -657,13 +770,22 @@ struct TransactionBuilder: Sendable {
         }
     }
 
-    func current(_ table: PostgresCapture.Table, key: String) throws -> String? {
-        if let entry = written[table.collection]?[key] { return entry.value }
-        return try store.value(of: table.collection, key: key)
+    func current(_ table: PostgresCapture.Table, key: String) async throws -> String? {
+        switch written[table.collection]?[key]?.state {
+        case .value(let value): return value
+        case .deleted: return nil
+        case .handedOver:
+            // Written by the last transaction handed over (one written later would be held
+            // here): its open transaction, or the store once it committed, has it.
+            guard let pieces else { throw ConcordError(.internal, "a record handed over without its transaction") }
+            return try await pieces.value(of: table.collection, key: key, in: store)
+        case nil: return try store.value(of: table.collection, key: key)
+        }
     }
 
     mutating func remember(_ value: String?, of table: PostgresCapture.Table, key: String) {
-        if written[table.collection, default: [:]].updateValue((value, committed + 1), forKey: key) == nil {
+        let state: Written = value.map { .value($0) } ?? .deleted
+        if written[table.collection, default: [:]].updateValue((state, committed + 1), forKey: key) == nil {
             writtenCount += 1
         }
     }
@@ -699,6 +821,9 @@ final class CapturedTransactions: Sendable {
         /// Its number, as the reader counted transactions.
         var lastNumber = 0
         var replyRequested = false
+        /// A transaction handed over in pieces, after those above, and its number.
+        var pieces: TransactionPieces?
+        var piecesNumber = 0
     }
 
     private struct State {
@@ -715,10 +840,10 @@ final class CapturedTransactions: Sendable {
         self.limit = limit
     }
 
-    /// Queues a transaction, waiting first while `limit` changes already wait for the writer;
-    /// a transaction is always taken whole.
+    /// Queues a transaction, waiting first while `limit` changes already wait for the writer,
+    /// or a transaction in pieces before it; a transaction is always taken whole.
     func push(_ operations: [WriteOperation], commit: UInt64, number: Int) async throws {
-        while state.withLock({ $0.changes > 0 && $0.changes + operations.count > limit }) {
+        while state.withLock({ $0.batch.pieces != nil || ($0.changes > 0 && $0.changes + operations.count > limit) }) {
             try await Task.sleep(for: .milliseconds(2))
         }
         state.withLock { state in
@@ -727,6 +852,24 @@ final class CapturedTransactions: Sendable {
             state.batch.lastNumber = number
             state.changes += operations.count
         }
+    }
+
+    /// Queues a transaction that comes in pieces: the writer writes it after the transactions
+    /// queued before it, taking the pieces as they come.
+    func push(_ pieces: TransactionPieces, number: Int) async throws {
+        while state.withLock({ $0.batch.pieces != nil }) {
+            try await Task.sleep(for: .milliseconds(2))
+        }
+        state.withLock { state in
+            state.batch.pieces = pieces
+            state.batch.piecesNumber = number
+        }
+    }
+
+    /// Gives up a transaction in pieces the writer has not taken: it will take nothing more.
+    func abandonPieces() {
+        let pieces = state.withLock { $0.batch.pieces }
+        pieces?.abort(ConcordError(.unavailable, "the log's writer stopped"))
     }
 
     /// When the server last sent anything.
@@ -738,6 +881,14 @@ final class CapturedTransactions: Sendable {
 
     func requestReply() {
         state.withLock { $0.batch.replyRequested = true }
+    }
+
+    /// Whether the server asked for an answer, which this takes.
+    func takeReplyRequest() -> Bool {
+        state.withLock { state in
+            defer { state.batch.replyRequested = false }
+            return state.batch.replyRequested
+        }
     }
 
     /// Everything queued, leaving the queue empty.

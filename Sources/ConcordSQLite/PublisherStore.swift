@@ -196,6 +196,69 @@ public final class PublisherStore: Sendable {
         return try await write(transactions: [operations], marker: nil, keysAreNew: true)
     }
 
+    /// Appends one transaction given in pieces, in one SQLite transaction that also sets the
+    /// marker ``TransactionPieces/end(marker:)`` names: readers see all of it or none of it.
+    /// Returns the LSN of its last change (the head as it was, when it had none).
+    ///
+    /// Holds the write lock until the transaction ends or is given up, which rolls it back.
+    @discardableResult
+    public func write(_ pieces: TransactionPieces) async throws -> LSN {
+        let last: LSN
+        do {
+            last = try await pool.write { db in
+                do {
+                    return try self.append(pieces, in: db)
+                } catch {
+                    // Forgotten before the write lock is let go: the kept sketches hold the
+                    // pieces that are rolled back, and a reader waiting for the lock copies them.
+                    self.sketches.withLock { $0 = nil }
+                    self.rewound.withLock { $0.removeAll() }
+                    throw error
+                }
+            }
+        } catch {
+            sketches.withLock { $0 = nil }
+            let failure = ConcordError.storage(error, "write failed")
+            pieces.finish(.failure(failure))
+            throw failure
+        }
+        headWatch.advance(to: last)
+        pieces.finish(.success(last))
+        return last
+    }
+
+    /// Appends the pieces as they come, inside the transaction open on `db`, until their end.
+    private func append(_ pieces: TransactionPieces, in db: Database) throws -> LSN {
+        var appender = try LogAppender(keysAreNew: false, in: db)
+        let start = appender.lsn
+        while true {
+            switch try pieces.next() {
+            case .operations(var operations):
+                try self.validate(&operations)
+                try appender.append(operations, endingTransaction: false)
+                // Folded in piece by piece: they are read under the write lock, and
+                // a transaction that fails forgets them.
+                self.sketches.withLock { [touched = appender.touched] in $0?.apply(touched) }
+                appender.touched.removeAll(keepingCapacity: true)
+            case .lookup(let collection, let key, let reply):
+                reply(Result { try Self.values(of: collection, keys: [key], in: db)[0] })
+            case .end(let marker):
+                if appender.lsn > start {
+                    try appender.endTransaction()
+                    try appender.finish()
+                    let policy = self.configuration.checkpoints
+                    let due = ContinuousClock.now - self.lastCheckpoint.withLock { $0 } >= policy.interval
+                    if due || policy.crossesBoundary(from: start, to: appender.lsn) {
+                        try Self.recordCheckpoint(at: appender.lsn, in: db)
+                        self.lastCheckpoint.withLock { $0 = .now }
+                    }
+                }
+                if let marker { try Self.setMarker(marker, in: db) }
+                return appender.lsn
+            }
+        }
+    }
+
     private func write(transactions: [[WriteOperation]], marker: (name: String, value: String)?, keysAreNew: Bool)
         async throws -> LSN
     {
@@ -336,37 +399,65 @@ public final class PublisherStore: Sendable {
     private static func append(_ transactions: [[WriteOperation]], keysAreNew: Bool, in db: Database) throws -> (
         LSN, [ElementChange]
     ) {
-        let head = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
-        let now = Int(Date().timeIntervalSince1970 * 1000)
-        let find = RawStatement(
-            try db.cachedStatement(
-                sql: "SELECT version, value FROM concord_records WHERE collection = ?1 AND key = ?2"),
-            in: db)
-        // New keys are inserted without ON CONFLICT: a key held after all is a failed write.
-        let upsert = RawStatement(
-            try db.cachedStatement(
-                sql: """
-                    INSERT INTO concord_records (collection, key, version, value, key_hash)
-                    VALUES (?1, ?2, ?3, ?4, ?5)
-                    """
-                        + (keysAreNew
-                            ? ""
-                            : " ON CONFLICT (collection, key) DO UPDATE SET version = excluded.version, value = excluded.value")
-            ), in: db)
-        let delete = RawStatement(
-            try db.cachedStatement(sql: "DELETE FROM concord_records WHERE collection = ?1 AND key = ?2"), in: db)
-        let log = RawStatement(
-            try db.cachedStatement(
-                sql: """
-                    INSERT INTO concord_log (lsn, collection, key, op, value, is_commit, committed_at, before)
-                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                    """), in: db)
-        var countDeltas: [String: Int] = [:]
-        var digests: [String: CollectionDigest] = [:]
-        var touched: [ElementChange] = []
-        touched.reserveCapacity(transactions.reduce(0) { $0 + $1.count })
-        var lsn = head
+        var appender = try LogAppender(keysAreNew: keysAreNew, in: db)
+        // Reserved once: reserving per transaction would copy the array for each one.
+        appender.touched.reserveCapacity(transactions.reduce(0) { $0 + $1.count })
         for operations in transactions {
+            try appender.append(operations, endingTransaction: true)
+        }
+        try appender.finish()
+        return (appender.lsn, appender.touched)
+    }
+
+    /// Appends changes to the log inside the SQLite transaction open on `db`: each takes the
+    /// next LSN, names the element it replaced, and updates its record, digest and count. The
+    /// counts, digests and head are stored by ``finish()``.
+    struct LogAppender {
+        let db: Database
+        let keysAreNew: Bool
+        let now = Int(Date().timeIntervalSince1970 * 1000)
+        let find: RawStatement
+        let upsert: RawStatement
+        let delete: RawStatement
+        let log: RawStatement
+        /// The LSN of the last change appended (the head, before the first).
+        private(set) var lsn: LSN
+        private var countDeltas: [String: Int] = [:]
+        private var digests: [String: CollectionDigest] = [:]
+        /// What the changes appended did to the elements, for the kept sketches.
+        var touched: [ElementChange] = []
+
+        init(keysAreNew: Bool, in db: Database) throws {
+            self.db = db
+            self.keysAreNew = keysAreNew
+            lsn = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
+            find = RawStatement(
+                try db.cachedStatement(
+                    sql: "SELECT version, value FROM concord_records WHERE collection = ?1 AND key = ?2"),
+                in: db)
+            // New keys are inserted without ON CONFLICT: a key held after all is a failed write.
+            upsert = RawStatement(
+                try db.cachedStatement(
+                    sql: """
+                        INSERT INTO concord_records (collection, key, version, value, key_hash)
+                        VALUES (?1, ?2, ?3, ?4, ?5)
+                        """
+                            + (keysAreNew
+                                ? ""
+                                : " ON CONFLICT (collection, key) DO UPDATE SET version = excluded.version, value = excluded.value")
+                ), in: db)
+            delete = RawStatement(
+                try db.cachedStatement(sql: "DELETE FROM concord_records WHERE collection = ?1 AND key = ?2"), in: db)
+            log = RawStatement(
+                try db.cachedStatement(
+                    sql: """
+                        INSERT INTO concord_log (lsn, collection, key, op, value, is_commit, committed_at, before)
+                        VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                        """), in: db)
+        }
+
+        /// Appends `operations`; `endingTransaction`: the last one ends a transaction.
+        mutating func append(_ operations: [WriteOperation], endingTransaction: Bool) throws {
             for (index, operation) in operations.enumerated() {
                 lsn += 1
                 var existed = false
@@ -383,7 +474,7 @@ public final class PublisherStore: Sendable {
                     find.reset()
                 }
                 if digests[operation.collection] == nil {
-                    digests[operation.collection] = try Self.storedDigest(of: operation.collection, in: db)
+                    digests[operation.collection] = try PublisherStore.storedDigest(of: operation.collection, in: db)
                 }
                 if let before { digests[operation.collection]!.remove(before) }
                 let after = operation.value.map {
@@ -411,21 +502,30 @@ public final class PublisherStore: Sendable {
                 log.bind(3, operation.key)
                 log.bind(4, operation.value == nil ? 1 : 0)
                 if let value = operation.value { log.bind(5, value) } else { log.bindNull(5) }
-                log.bind(6, index == operations.count - 1 ? 1 : 0)
+                log.bind(6, endingTransaction && index == operations.count - 1 ? 1 : 0)
                 log.bind(7, now)
                 if let before { log.bind(8, before.description) } else { log.bindNull(8) }
                 try log.run()
             }
         }
-        for (collection, delta) in countDeltas {
-            try db.execute(
-                sql: """
-                    INSERT INTO concord_collections (name, count, digest) VALUES (?, ?, ?)
-                    ON CONFLICT (name) DO UPDATE SET count = count + excluded.count, digest = excluded.digest
-                    """, arguments: [collection, delta, digests[collection]!.sumHex])
+
+        /// Marks the last change appended as the end of its transaction: the last piece of a
+        /// transaction given in pieces can come empty.
+        func endTransaction() throws {
+            try db.execute(sql: "UPDATE concord_log SET is_commit = 1 WHERE lsn = ?", arguments: [Int64(lsn)])
         }
-        try db.execute(sql: "UPDATE concord_feed SET head = ? WHERE id = 1", arguments: [Int64(lsn)])
-        return (lsn, touched)
+
+        /// Stores the counts, digests and head.
+        func finish() throws {
+            for (collection, delta) in countDeltas {
+                try db.execute(
+                    sql: """
+                        INSERT INTO concord_collections (name, count, digest) VALUES (?, ?, ?)
+                        ON CONFLICT (name) DO UPDATE SET count = count + excluded.count, digest = excluded.digest
+                        """, arguments: [collection, delta, digests[collection]!.sumHex])
+            }
+            try db.execute(sql: "UPDATE concord_feed SET head = ? WHERE id = 1", arguments: [Int64(lsn)])
+        }
     }
 
     static let createKeyHashIndex =

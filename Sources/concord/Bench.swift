@@ -48,6 +48,13 @@ struct Bench: AsyncParsableCommand {
             """)
     var replicaPostgres: String?
 
+    @Option(
+        help: """
+            For bench postgres: the concord binary the publishers and replicas run (default: this \
+            one), to compare two builds against the same servers in one run.
+            """)
+    var concordBinary: String?
+
     @Flag(
         help: """
             For bench stream: run both replicas without verification, to measure how far apart two \
@@ -413,6 +420,17 @@ enum ProcessCPU {
     }
 
     static var ownSeconds: Double { seconds(of: getpid()) }
+}
+
+enum ProcessMemory {
+    /// The peak resident memory of `pid` so far (VmHWM in /proc/PID/status), in MiB.
+    static func peakMegabytes(of pid: pid_t) -> Double {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+            let kilobytes = line.split(separator: " ").dropFirst().first.flatMap({ Double($0) })
+        else { return 0 }
+        return kilobytes / 1024
+    }
 }
 
 /// A `concord follow` child process, watched through its replica file.

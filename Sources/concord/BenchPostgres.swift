@@ -113,7 +113,7 @@ extension Bench {
         // Concord: capture into a publisher, follow into a PostgreSQL replica, verified.
         let replicaURL = PostgresAdmin.url(replicaServer, database: "concord_bench_replica")
         let replica = try await PostgresAdmin.connect(replicaURL, logger: logger)
-        let binary = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+        let binary = try concordBinary ?? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
         let portFile = folder.appendingPathComponent("pg-publisher.port").path
         started = ContinuousClock.now
         let publisher = try Self.child(
@@ -331,6 +331,38 @@ extension Bench {
         results["postgres_concord_toasted_updates_seconds"] = toasted
         Self.stop(documentPublisher)
         try await Self.dropSlot("concord_bench_documents", on: source)
+
+        // One source transaction of `rows` inserts: the publisher takes it in pieces while it
+        // is read, so it never holds it whole, and logs it as one transaction at its commit.
+        try await source.run("CREATE TABLE bulk (id bigint PRIMARY KEY, v text NOT NULL)")
+        let (bulkPublisher, bulkPort) = try await Self.readyPublisher(
+            binary, db: folder.appendingPathComponent("pg-bulk.sqlite").path, source: sourceURL,
+            tables: "public.bulk", slot: "concord_bench_bulk", portFile: portFile, http: http)
+        defer { Self.stop(bulkPublisher) }
+        let bulkClient = SourceClient(baseURL: "http://127.0.0.1:\(bulkPort)", http: http)
+        let bulkHead = try await bulkClient.feed().head
+        let bulkCPU = ProcessCPU.seconds(of: bulkPublisher.processIdentifier)
+        let memoryBefore = ProcessMemory.peakMegabytes(of: bulkPublisher.processIdentifier)
+        started = ContinuousClock.now
+        try await source.run("INSERT INTO bulk SELECT id, v FROM src")
+        let bulkCommitted = (ContinuousClock.now - started).seconds
+        try await Self.poll("the publisher captures the large transaction", timeout: .seconds(900)) {
+            guard bulkPublisher.isRunning else { throw ConcordError(.internal, "concord serve exited") }
+            return try await bulkClient.feed().head >= bulkHead + LSN(rows)
+        }
+        let bulk = (ContinuousClock.now - started).seconds
+        let memoryPeak = ProcessMemory.peakMegabytes(of: bulkPublisher.processIdentifier)
+        say(
+            String(
+                format:
+                    "  Concord: one source transaction of %d inserts (committed in %.2f s) in the publisher's log %.2f s after it began (%.1f µs of CPU each); the publisher's peak memory %.0f MiB, %.0f MiB before it",
+                rows, bulkCommitted, bulk,
+                (ProcessCPU.seconds(of: bulkPublisher.processIdentifier) - bulkCPU) * 1e6 / Double(rows), memoryPeak,
+                memoryBefore))
+        results["postgres_concord_large_transaction_seconds"] = bulk
+        results["postgres_concord_large_transaction_peak_mib"] = memoryPeak
+        Self.stop(bulkPublisher)
+        try await Self.dropSlot("concord_bench_bulk", on: source)
         await replica.close()
         await source.close()
         if !keep {

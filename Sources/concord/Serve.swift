@@ -85,6 +85,13 @@ struct Serve: AsyncParsableCommand {
 
     @Option(
         help: """
+            With --postgres: a source transaction with more changes goes into the log in pieces of \
+            this many while it is read, still committed whole (smaller holds less in memory).
+            """)
+    var transactionPiece = PostgresCapture.Configuration(url: "", tables: []).transactionPiece
+
+    @Option(
+        help: """
             Require bearer tokens, read from this file: one token a line, NAME ROLE COLLECTIONS SECRET \
             (ROLE read, write or admin; COLLECTIONS a,b or *). Reloaded on SIGHUP and when the file changes.
             """)
@@ -146,6 +153,7 @@ struct Serve: AsyncParsableCommand {
             ("--max-streams", maxStreams), ("--stalled-client-seconds", stalledClientSeconds),
             ("--request-body-seconds", requestBodySeconds),
             ("--max-body-bytes", maxBodyBytes), ("--copy-batch", copyBatch),
+            ("--transaction-piece", transactionPiece),
         ] where value < 1 {
             throw ValidationError("\(name) must be at least 1")
         }
@@ -216,6 +224,7 @@ struct Serve: AsyncParsableCommand {
             captureConfiguration.slot = slot
             captureConfiguration.pollInterval = .milliseconds(max(1, pollIntervalMs))
             captureConfiguration.copyBatch = copyBatch
+            captureConfiguration.transactionPiece = transactionPiece
             capture = PostgresCapture(configuration: captureConfiguration, store: store, logger: logger)
             configuration.writesRefused =
                 "this publisher captures its records from PostgreSQL; write to the database instead"

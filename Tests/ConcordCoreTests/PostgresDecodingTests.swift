@@ -16,7 +16,9 @@ import Testing
 
     @Test func decodesTransactionsInsertsUpdatesDeletesAndTruncates() throws {
         #expect(
-            try PostgresDecoding.record(#"{"action":"B","xid":732,"lsn":"0/195FE80","nextlsn":"0/195FEB0"}"#) == .begin)
+            try PostgresDecoding.record(#"{"action":"B","xid":732,"lsn":"0/195FE80","nextlsn":"0/195FEB0"}"#)
+                == .begin(commit: 0x195_FEB0))
+        #expect(try PostgresDecoding.record(#"{"action":"B"}"#) == .begin(commit: nil))
         #expect(
             try PostgresDecoding.record(#"{"action":"C","xid":732,"lsn":"0/195FE80","nextlsn":"0/195FEB0"}"#)
                 == .commit(lsn: 0x195_FEB0))

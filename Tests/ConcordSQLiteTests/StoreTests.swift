@@ -87,6 +87,57 @@ func temporaryFile(_ name: String) -> String {
         #expect(indexes.contains("concord_records_key_hash"))
     }
 
+    @Test func aTransactionGivenInPiecesCommitsWholeOrNotAtAll() async throws {
+        let path = temporaryFile("p.sqlite")
+        let store = try PublisherStore(path: path)
+        try await store.write([.upsert("users", "1", json: "1"), .upsert("users", "2", json: "2")])
+        let pieces = TransactionPieces(limit: 2)
+        let writing = Task { try await store.write(pieces) }
+        try await pieces.add([.upsert("users", "1", json: #"{ "a" : 1 }"#), .upsert("users", "3", json: "3")])
+        // Asked of the open transaction: what its earlier pieces wrote, and what was there before.
+        #expect(try await pieces.value(of: "users", key: "1", in: store) == #"{"a":1}"#)
+        #expect(try await pieces.value(of: "users", key: "2", in: store) == "2")
+        // Readers meanwhile see none of it.
+        #expect(try await store.values(of: "users", keys: ["1", "3"]) == ["1", nil])
+        #expect(try await store.items(after: 2, limit: 10).isEmpty && store.head == 2)
+        try await pieces.add([.delete("users", "2")])
+        try pieces.end(marker: ("source.position", "7"))
+        #expect(try await writing.value == 5)
+        #expect(try await pieces.committed() == 5)
+        #expect(try await pieces.value(of: "users", key: "3", in: store) == "3")
+        let items = try await store.items(after: 2, limit: 1)
+        #expect(items.map(\.lastLSN) == [3, 4, 5], "a pull takes the transaction whole")
+        #expect(items.map(\.isCommit) == [false, false, true])
+        guard case .change(let replaced) = items[0] else { Issue.record("expected a change"); return }
+        #expect(replaced.before == Element(collection: "users", key: "1", version: 1, value: "1"))
+        #expect(try store.marker("source.position") == "7" && store.head == 5)
+        #expect(try await store.records(of: "users").map(\.key) == ["1", "3"])
+        // The kept sketch, folded piece by piece, matches one scanned from the records.
+        let kept = try await store.sketch(of: "users", at: 5)
+        #expect(try await PublisherStore(path: path).sketch(of: "users", at: 5).symbols == kept.symbols)
+
+        // Given up halfway: nothing of it stays, nor its marker.
+        let abandoned = TransactionPieces()
+        let failing = Task { try await store.write(abandoned) }
+        try await abandoned.add([.upsert("users", "4", json: "4"), .delete("users", "1")])
+        #expect(try await abandoned.value(of: "users", key: "4", in: store) == "4")
+        abandoned.abort(ConcordError(.unavailable, "the source went away"))
+        await #expect(throws: ConcordError.self) { try await failing.value }
+        await #expect(throws: ConcordError.self) { try await abandoned.add([.delete("users", "3")]) }
+        #expect(try store.marker("source.position") == "7" && store.head == 5)
+        #expect(try await store.records(of: "users").map(\.key) == ["1", "3"])
+        // A bad value in a piece fails the whole transaction the same way.
+        let refused = TransactionPieces()
+        let refusing = Task { try await store.write(refused) }
+        try await refused.add([.upsert("users", "5", json: "5")])
+        try? await refused.add([.upsert("users", "6", json: "{bad")])
+        try? refused.end(marker: nil)
+        await #expect(throws: ConcordError.self) { try await refusing.value }
+        #expect(store.head == 5)
+        try await store.write([.upsert("users", "8", json: "8")])
+        for check in try await store.digestCheck() { #expect(check.stored == check.scanned) }
+    }
+
     @Test func valuesAreLookedUpOneAtATimeOrManyInTheOrderAsked() async throws {
         let store = try PublisherStore(path: temporaryFile("p.sqlite"))
         try await store.write([

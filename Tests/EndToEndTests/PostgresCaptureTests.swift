@@ -35,14 +35,16 @@ import Testing
     /// commit order, so its row arrives after everything written before it.
     static let tables = "public.customers,public.order_lines,public.sentinels"
 
-    static func serve(_ folder: URL, url: String, port: Int = 0) async throws -> (ConcordProcess, Int) {
+    static func serve(_ folder: URL, url: String, port: Int = 0, extra: [String] = []) async throws -> (
+        ConcordProcess, Int
+    ) {
         // Copies in several transactions, so a kill -9 can land in the middle of one.
         try await ConcordProcess.serve(
             db: folder.appendingPathComponent("source.sqlite").path, port: port,
             extra: [
                 "--postgres", url, "--tables", tables, "--poll-interval-ms", "20", "--slot", slot(url), "--copy-batch",
                 "5000",
-            ],
+            ] + extra,
             log: folder.appendingPathComponent("serve.log").path)
     }
 
@@ -257,6 +259,89 @@ import Testing
         try await Self.expectEqualToTables(replica, sql: check)
         #expect(servers.withLock { $0.last! }.terminate() == 0)
         await check.close()
+    }
+
+    /// Source transactions larger than a piece: one goes into the log as one transaction, its
+    /// later changes seeing what its earlier pieces wrote; a kill -9 while another is written in
+    /// pieces leaves none of it behind, and the publisher started again logs it whole.
+    @Test func aTransactionLargerThanAPieceStaysWholeAndAKillLosesNothing() async throws {
+        let (url, sql) = try await Self.database()
+        try await Self.fillInitialRows(sql)
+        let folder = Harness.folder()
+        let publisherDB = folder.appendingPathComponent("source.sqlite").path
+        let log = folder.appendingPathComponent("serve.log")
+        let pieceOptions = ["--transaction-piece", "100"]
+        let (first, _) = try await Self.serve(folder, url: url, extra: pieceOptions)
+        try await Harness.waitUntil("the first copy is done", timeout: .seconds(60)) {
+            (try? Self.capture(of: publisherDB))?.streaming == true
+        }
+        let before = try Self.capture(of: publisherDB).head
+        try await sql.run("BEGIN")
+        try await sql.run(
+            """
+            INSERT INTO customers (id, name, note)
+            SELECT 10000, 'toasted', string_agg(md5(random()::text), '') FROM generate_series(1, 800)
+            """)
+        try await sql.run("INSERT INTO customers (id, name) SELECT g, 'big ' || g FROM generate_series(10001, 11000) g")
+        // wal2json leaves the out-of-line note out: it is in a piece handed over already.
+        try await sql.run("UPDATE customers SET name = 'toasted, renamed' WHERE id = 10000")
+        try await sql.run("UPDATE customers SET balance = 7 WHERE id <= 3000")
+        try await sql.run("DELETE FROM customers WHERE id BETWEEN 10500 AND 10599")
+        // The truncate removes the lines committed before and the ones of earlier pieces.
+        try await sql.run("INSERT INTO order_lines SELECT 'big', g, g, NULL FROM generate_series(2, 201) g")
+        try await sql.run("TRUNCATE order_lines")
+        try await sql.run("INSERT INTO order_lines VALUES ('big', 1, 1, NULL)")
+        try await sql.run("COMMIT")
+        // 1 + 1,000 + 1 + 3,000 + 100 + 200 + (600 + 200) + 1 changes.
+        let changes: LSN = 5103
+        try await Harness.waitUntil("the large transaction is in the log", timeout: .seconds(60)) {
+            ((try? Self.capture(of: publisherDB))?.head ?? 0) >= before + changes
+        }
+        var readOnly = Configuration()
+        readOnly.readonly = true
+        let (count, commits, lastIsCommit) = try await DatabaseQueue(path: publisherDB, configuration: readOnly).read {
+            db in
+            let row = try Row.fetchOne(
+                db,
+                sql: """
+                    SELECT count(*), sum(is_commit), (SELECT is_commit FROM concord_log ORDER BY lsn DESC LIMIT 1)
+                    FROM concord_log WHERE lsn > ?
+                    """, arguments: [Int64(before)])!
+            return (row[0] as Int64, row[1] as Int64, row[2] as Int64)
+        }
+        #expect(count == Int64(changes) && commits == 1 && lastIsCommit == 1, "one transaction, marked at its end")
+        let logged = try String(contentsOf: log, encoding: .utf8)
+        #expect(logged.contains("goes into the log in pieces"))
+
+        // kill -9 while the next one is written in pieces.
+        try await sql.run(
+            "INSERT INTO customers (id, name) SELECT g, 'bulk ' || g FROM generate_series(20001, 120000) g")
+        try await Harness.waitUntil("the second goes into the log in pieces", timeout: .seconds(60)) {
+            let text = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+            return text.components(separatedBy: "goes into the log in pieces").count > 2
+        }
+        first.kill9()
+        #expect(
+            try Self.capture(of: publisherDB).head == before + changes, "none of the unfinished transaction is logged")
+        let (second, port) = try await Self.serve(folder, url: url, extra: pieceOptions)
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
+            try await Self.waitForSentinel(replica, url: url, log: log, timeout: .seconds(120))
+        }
+        try await Self.expectEqualToTables(replica, sql: sql)
+        // Sent again by the slot after the kill, the 100,000 inserts are logged as one transaction.
+        let (inserts, insertCommits) = try await DatabaseQueue(path: publisherDB, configuration: readOnly).read { db in
+            let row = try Row.fetchOne(
+                db, sql: "SELECT count(*), sum(is_commit) FROM concord_log WHERE lsn > ? AND collection = 'customers'",
+                arguments: [Int64(before + changes)])!
+            return (row[0] as Int64, row[1] as Int64)
+        }
+        #expect(inserts == 100_000 && insertCommits == 1)
+        let toasted = try replica.records(of: "customers").first { $0.key == "10000" }
+        #expect(toasted?.value.contains("toasted, renamed") == true)
+        #expect((toasted?.value.utf8.count ?? 0) > 25_000, "the out-of-line note came from an earlier piece")
+        #expect(second.terminate() == 0)
+        await sql.close()
     }
 
     /// The slot dropped while the publisher was down: the copy made again writes exactly the
