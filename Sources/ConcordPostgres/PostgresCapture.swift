@@ -576,7 +576,7 @@ public final class PostgresCapture: Service, Sendable {
         after applied: UInt64, idle: Duration, logger: Logger
     ) async throws {
         var durable = applied
-        var lastStatus = ContinuousClock.now
+        var status = StatusUpdates()
         // A transaction in pieces this writer will not write is given up, or its reader waits on.
         var taken: TransactionPieces?
         defer { taken?.abort(ConcordError(.unavailable, "the log's writer stopped")) }
@@ -600,13 +600,9 @@ public final class PostgresCapture: Service, Sendable {
                 durable = PostgresDecoding.lsn(try store.marker(Marker.lsn) ?? "") ?? durable
                 queue.heard()
             }
-            // The server times out a client silent for wal_sender_timeout (a minute by default);
-            // the periodic update asks for an answer, so a server gone silent is noticed.
-            let periodic = ContinuousClock.now - lastStatus > .seconds(10)
-            if batch.lastCommit != nil || batch.pieces != nil || batch.replyRequested || periodic {
-                try await stream.confirm(flushed: durable, replyRequested: periodic)
-                lastStatus = .now
-            }
+            try await status.send(
+                when: batch.lastCommit != nil || batch.pieces != nil || batch.replyRequested, durable: durable,
+                on: stream)
             if ContinuousClock.now - queue.lastHeard > .seconds(60) {
                 throw ConcordError(.unavailable, "PostgreSQL sent nothing on the replication connection for 60 s")
             }
@@ -629,14 +625,10 @@ public final class PostgresCapture: Service, Sendable {
                 }
             }
             group.addTask {
-                var lastStatus = ContinuousClock.now
+                var status = StatusUpdates()
                 while true {
                     try await Task.sleep(for: .milliseconds(200))
-                    let periodic = ContinuousClock.now - lastStatus > .seconds(10)
-                    if queue.takeReplyRequest() || periodic {
-                        try await stream.confirm(flushed: durable, replyRequested: periodic)
-                        lastStatus = .now
-                    }
+                    try await status.send(when: queue.takeReplyRequest(), durable: durable, on: stream)
                 }
             }
             do {
@@ -647,6 +639,24 @@ public final class PostgresCapture: Service, Sendable {
                 throw error
             }
             group.cancelAll()
+        }
+    }
+
+    /// The writer's status updates to the server, which times out a client silent for
+    /// `wal_sender_timeout` (a minute by default): sent when asked for, and every 10 s with a
+    /// request for an answer, so a server gone silent is noticed.
+    struct StatusUpdates {
+        var last = ContinuousClock.now
+
+        /// Tells the server that everything up to `durable` is durable, when `asked` or when the
+        /// periodic update is due.
+        mutating func send(when asked: Bool, durable: UInt64, on stream: ReplicationConnection.Stream)
+            async throws
+        {
+            let periodic = ContinuousClock.now - last > .seconds(10)
+            guard asked || periodic else { return }
+            try await stream.confirm(flushed: durable, replyRequested: periodic)
+            last = .now
         }
     }
 

@@ -522,16 +522,9 @@ public final class PostgresReplicaStore: ReplicaStoring {
     }
 
     /// Whether `first` sorts before `second` byte by byte, as the "C" collation sorts.
+    /// (String's own `<` orders by Unicode canonical equivalence, which is not that.)
     static func bytewisePrecedes(_ first: String, _ second: String) -> Bool {
-        var first = first
-        var second = second
-        return first.withUTF8 { left in
-            second.withUTF8 { right in
-                let common = min(left.count, right.count)
-                let order = common == 0 ? 0 : memcmp(left.baseAddress!, right.baseAddress!, common)
-                return order < 0 || (order == 0 && left.count < right.count)
-            }
-        }
+        first.utf8.lexicographicallyPrecedes(second.utf8)
     }
 
     /// Inserts records none of whose keys the table holds, with COPY: several times less work

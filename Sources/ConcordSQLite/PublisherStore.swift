@@ -246,17 +246,22 @@ public final class PublisherStore: Sendable {
                 if appender.lsn > start {
                     try appender.endTransaction()
                     try appender.finish()
-                    let policy = self.configuration.checkpoints
-                    let due = ContinuousClock.now - self.lastCheckpoint.withLock { $0 } >= policy.interval
-                    if due || policy.crossesBoundary(from: start, to: appender.lsn) {
-                        try Self.recordCheckpoint(at: appender.lsn, in: db)
-                        self.lastCheckpoint.withLock { $0 = .now }
-                    }
+                    try recordCheckpointIfDue(from: start, to: appender.lsn, in: db)
                 }
                 if let marker { try Self.setMarker(marker, in: db) }
                 return appender.lsn
             }
         }
+    }
+
+    /// Records a checkpoint at `last`, inside the write that took the LSNs after `first`, when
+    /// the policy's interval has passed or the write crossed one of its boundaries.
+    private func recordCheckpointIfDue(from first: LSN, to last: LSN, in db: Database) throws {
+        let policy = configuration.checkpoints
+        let due = ContinuousClock.now - lastCheckpoint.withLock { $0 } >= policy.interval
+        guard due || policy.crossesBoundary(from: first, to: last) else { return }
+        try Self.recordCheckpoint(at: last, in: db)
+        lastCheckpoint.withLock { $0 = .now }
     }
 
     private func write(transactions: [[WriteOperation]], marker: (name: String, value: String)?, keysAreNew: Bool)
@@ -283,12 +288,7 @@ public final class PublisherStore: Sendable {
             last = try await pool.write { db in
                 let (last, touched) = try Self.append(batch, keysAreNew: keysAreNew, in: db)
                 if let marker { try Self.setMarker(marker, in: db) }
-                let policy = self.configuration.checkpoints
-                let due = ContinuousClock.now - self.lastCheckpoint.withLock { $0 } >= policy.interval
-                if due || policy.crossesBoundary(from: last - count, to: last) {
-                    try Self.recordCheckpoint(at: last, in: db)
-                    self.lastCheckpoint.withLock { $0 = .now }
-                }
+                try self.recordCheckpointIfDue(from: last - count, to: last, in: db)
                 // Inside the write, so a reader that copies the sketches under the write lock
                 // sees them at exactly the committed head.
                 self.sketches.withLock { $0?.apply(touched) }

@@ -307,15 +307,9 @@ extension Bench {
             tables: "public.doc", slot: "concord_bench_documents", portFile: portFile, http: http)
         defer { Self.stop(documentPublisher) }
         let documentClient = SourceClient(baseURL: "http://127.0.0.1:\(documentPort)", http: http)
-        let documentHead = try await documentClient.feed().head
-        let documentCPU = ProcessCPU.seconds(of: documentPublisher.processIdentifier)
-        started = ContinuousClock.now
-        try await source.run("UPDATE doc SET status = 'shipped'")
-        try await Self.poll("the publisher captures the updates", timeout: .seconds(600)) {
-            guard documentPublisher.isRunning else { throw ConcordError(.internal, "concord serve exited") }
-            return try await documentClient.feed().head >= documentHead + LSN(documents)
-        }
-        let toasted = (ContinuousClock.now - started).seconds
+        let toasted = try await Self.capture(
+            "UPDATE doc SET status = 'shipped'", at: source, changes: documents, by: documentPublisher,
+            client: documentClient, timeout: .seconds(600))
         // The value left out was carried over from the record held.
         let last = try await documentClient.page(collection: "doc", afterKey: nil, limit: 1).records.first
         guard let last, last.value.contains("\"shipped\""), last.value.utf8.count > 3_200 else {
@@ -326,9 +320,8 @@ extension Bench {
             String(
                 format:
                     "  Concord: %d updates leaving a 3,200-byte out-of-line value out, captured into the publisher in %.2f s (%.1f µs of CPU each)",
-                documents, toasted,
-                (ProcessCPU.seconds(of: documentPublisher.processIdentifier) - documentCPU) * 1e6 / Double(documents)))
-        results["postgres_concord_toasted_updates_seconds"] = toasted
+                documents, toasted.logged, toasted.cpuPerChange))
+        results["postgres_concord_toasted_updates_seconds"] = toasted.logged
         Self.stop(documentPublisher)
         try await Self.dropSlot("concord_bench_documents", on: source)
 
@@ -339,27 +332,17 @@ extension Bench {
             binary, db: folder.appendingPathComponent("pg-bulk.sqlite").path, source: sourceURL,
             tables: "public.bulk", slot: "concord_bench_bulk", portFile: portFile, http: http)
         defer { Self.stop(bulkPublisher) }
-        let bulkClient = SourceClient(baseURL: "http://127.0.0.1:\(bulkPort)", http: http)
-        let bulkHead = try await bulkClient.feed().head
-        let bulkCPU = ProcessCPU.seconds(of: bulkPublisher.processIdentifier)
         let memoryBefore = ProcessMemory.peakMegabytes(of: bulkPublisher.processIdentifier)
-        started = ContinuousClock.now
-        try await source.run("INSERT INTO bulk SELECT id, v FROM src")
-        let bulkCommitted = (ContinuousClock.now - started).seconds
-        try await Self.poll("the publisher captures the large transaction", timeout: .seconds(900)) {
-            guard bulkPublisher.isRunning else { throw ConcordError(.internal, "concord serve exited") }
-            return try await bulkClient.feed().head >= bulkHead + LSN(rows)
-        }
-        let bulk = (ContinuousClock.now - started).seconds
+        let bulk = try await Self.capture(
+            "INSERT INTO bulk SELECT id, v FROM src", at: source, changes: rows, by: bulkPublisher,
+            client: SourceClient(baseURL: "http://127.0.0.1:\(bulkPort)", http: http), timeout: .seconds(900))
         let memoryPeak = ProcessMemory.peakMegabytes(of: bulkPublisher.processIdentifier)
         say(
             String(
                 format:
                     "  Concord: one source transaction of %d inserts (committed in %.2f s) in the publisher's log %.2f s after it began (%.1f µs of CPU each); the publisher's peak memory %.0f MiB, %.0f MiB before it",
-                rows, bulkCommitted, bulk,
-                (ProcessCPU.seconds(of: bulkPublisher.processIdentifier) - bulkCPU) * 1e6 / Double(rows), memoryPeak,
-                memoryBefore))
-        results["postgres_concord_large_transaction_seconds"] = bulk
+                rows, bulk.committed, bulk.logged, bulk.cpuPerChange, memoryPeak, memoryBefore))
+        results["postgres_concord_large_transaction_seconds"] = bulk.logged
         results["postgres_concord_large_transaction_peak_mib"] = memoryPeak
         Self.stop(bulkPublisher)
         try await Self.dropSlot("concord_bench_bulk", on: source)
@@ -419,6 +402,26 @@ extension Bench {
             throw error
         }
         return (publisher, port)
+    }
+
+    /// Runs `sql` at the source, then waits until `publisher` has logged `changes` more; returns
+    /// the seconds the statement took and the seconds until they were logged, both from its
+    /// start, and the publisher's CPU per change in µs.
+    static func capture(
+        _ sql: String, at source: PostgresAdmin, changes: Int, by publisher: Process, client: SourceClient,
+        timeout: Duration
+    ) async throws -> (committed: Double, logged: Double, cpuPerChange: Double) {
+        let head = try await client.feed().head
+        let cpu = ProcessCPU.seconds(of: publisher.processIdentifier)
+        let started = ContinuousClock.now
+        try await source.run(sql)
+        let committed = (ContinuousClock.now - started).seconds
+        try await poll("the publisher captures \(changes) changes", timeout: timeout) {
+            guard publisher.isRunning else { throw ConcordError(.internal, "concord serve exited") }
+            return try await client.feed().head >= head + LSN(changes)
+        }
+        let logged = (ContinuousClock.now - started).seconds
+        return (committed, logged, (ProcessCPU.seconds(of: publisher.processIdentifier) - cpu) * 1e6 / Double(changes))
     }
 
     /// Drops a slot whose user was just stopped: its connection lets go of it a moment later.

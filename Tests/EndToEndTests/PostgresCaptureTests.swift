@@ -89,12 +89,16 @@ import Testing
         }
     }
 
-    /// Whether a publisher's capture has finished copying, and its head, from its file.
-    static func capture(of publisherDB: String) throws -> (streaming: Bool, head: LSN) {
+    /// A publisher's file, opened read-only beside the running publisher.
+    static func publisherFile(_ publisherDB: String) throws -> DatabaseQueue {
         var configuration = Configuration()
         configuration.readonly = true
-        let queue = try DatabaseQueue(path: publisherDB, configuration: configuration)
-        return try queue.read { db in
+        return try DatabaseQueue(path: publisherDB, configuration: configuration)
+    }
+
+    /// Whether a publisher's capture has finished copying, and its head, from its file.
+    static func capture(of publisherDB: String) throws -> (streaming: Bool, head: LSN) {
+        try publisherFile(publisherDB).read { db in
             let phase = try String.fetchOne(db, sql: "SELECT value FROM concord_markers WHERE name = 'postgres.phase'")
             let head = try Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1") ?? 0
             return (phase == "streaming", LSN(head))
@@ -297,9 +301,7 @@ import Testing
         try await Harness.waitUntil("the large transaction is in the log", timeout: .seconds(60)) {
             ((try? Self.capture(of: publisherDB))?.head ?? 0) >= before + changes
         }
-        var readOnly = Configuration()
-        readOnly.readonly = true
-        let (count, commits, lastIsCommit) = try await DatabaseQueue(path: publisherDB, configuration: readOnly).read {
+        let (count, commits, lastIsCommit) = try await Self.publisherFile(publisherDB).read {
             db in
             let row = try Row.fetchOne(
                 db,
@@ -330,7 +332,7 @@ import Testing
         }
         try await Self.expectEqualToTables(replica, sql: sql)
         // Sent again by the slot after the kill, the 100,000 inserts are logged as one transaction.
-        let (inserts, insertCommits) = try await DatabaseQueue(path: publisherDB, configuration: readOnly).read { db in
+        let (inserts, insertCommits) = try await Self.publisherFile(publisherDB).read { db in
             let row = try Row.fetchOne(
                 db, sql: "SELECT count(*), sum(is_commit) FROM concord_log WHERE lsn > ? AND collection = 'customers'",
                 arguments: [Int64(before + changes)])!
@@ -373,9 +375,7 @@ import Testing
         }
         // Two rows changed in each table and two deleted; the sentinel may come twice, from the
         // copy and from the slot.
-        var readOnly = Configuration()
-        readOnly.readonly = true
-        let written = try await DatabaseQueue(path: publisherDB, configuration: readOnly).read { db in
+        let written = try await Self.publisherFile(publisherDB).read { db in
             try String.fetchAll(
                 db, sql: "SELECT collection || ' ' || key FROM concord_log WHERE lsn > ? AND collection != 'sentinels'",
                 arguments: [Int64(copied)])
