@@ -518,7 +518,7 @@ final class PostgresAdmin: Sendable {
             try await run(
                 """
                 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                WHERE slot_name IN ('concord_bench_pg', 'concord_bench_capture', 'concord_bench_documents') AND NOT active
+                WHERE slot_name LIKE 'concord_bench%' AND NOT active
                 """)
             return try await !flag(
                 "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'concord_bench%')")
