@@ -474,7 +474,7 @@ public final class PostgresCapture: Service, Sendable {
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     group.addTask {
                         try await Self.read(
-                            stream.messages, with: builder, into: queue, after: applied, piece: piece)
+                            stream.messages, with: builder, into: queue, after: applied, piece: piece, logger: logger)
                     }
                     group.addTask {
                         try await Self.write(
@@ -497,7 +497,7 @@ public final class PostgresCapture: Service, Sendable {
     /// transaction of more than `piece` changes is handed over in pieces while it is read.
     static func read(
         _ messages: ReplicationConnection.Messages, with builder: TransactionBuilder, into queue: CapturedTransactions,
-        after applied: UInt64, piece: Int
+        after applied: UInt64, piece: Int, logger: Logger
     ) async throws {
         var builder = builder
         var inTransaction = false
@@ -505,6 +505,8 @@ public final class PostgresCapture: Service, Sendable {
         var lastMovedOn = ContinuousClock.now - .seconds(1)
         // Where the transaction being read commits, when wal2json said so at its start.
         var commitAhead: UInt64?
+        // Whether the transaction being read is one the log holds, sent again after a crash.
+        var replayed = false
         var pieces: TransactionPieces?
         do {
             for try await message in messages {
@@ -517,6 +519,7 @@ public final class PostgresCapture: Service, Sendable {
                         builder.begin()
                         inTransaction = true
                         commitAhead = commit
+                        replayed = false
                     case .commit(let lsn):
                         inTransaction = false
                         let operations = builder.commit()
@@ -538,6 +541,12 @@ public final class PostgresCapture: Service, Sendable {
                         // one the log holds already is read past, one of unknown position held whole.
                         guard builder.operations.count >= piece, let commit = commitAhead else { break }
                         if commit <= applied {
+                            if !replayed {
+                                logger.info(
+                                    "a large source transaction the log holds already is sent again; read past",
+                                    metadata: ["commit": "\(PostgresDecoding.lsnText(commit))"])
+                                replayed = true
+                            }
                             builder.dropOperations()
                         } else {
                             if pieces == nil {

@@ -346,6 +346,65 @@ import Testing
         await sql.close()
     }
 
+    /// The publisher logged a large transaction but stopped before its slot was confirmed past
+    /// it, as a crash between the two leaves it: the slot sends the transaction again, whole,
+    /// and the publisher reads it past instead of logging it twice. The window is made for real
+    /// with PostgreSQL's own slot copy: a copy taken before the transaction takes the slot's place.
+    @Test func aLargeTransactionSentAgainAfterItsCommitIsLoggedOnce() async throws {
+        let (url, sql) = try await Self.database()
+        try await Self.fillInitialRows(sql)
+        let folder = Harness.folder()
+        let publisherDB = folder.appendingPathComponent("source.sqlite").path
+        let log = folder.appendingPathComponent("serve.log")
+        let slot = Self.slot(url)
+        let pieceOptions = ["--transaction-piece", "100"]
+        let (first, _) = try await Self.serve(folder, url: url, extra: pieceOptions)
+        try await Harness.waitUntil("the first copy is done", timeout: .seconds(60)) {
+            (try? Self.capture(of: publisherDB))?.streaming == true
+        }
+        let before = try Self.capture(of: publisherDB).head
+        try await sql.run("SELECT pg_copy_logical_replication_slot('\(slot)', '\(slot)_before')")
+        try await sql.run("BEGIN")
+        try await sql.run("INSERT INTO customers (id, name) SELECT g, 'big ' || g FROM generate_series(10001, 12000) g")
+        try await sql.run("UPDATE customers SET balance = 7 WHERE id <= 1000")
+        try await sql.run("DELETE FROM customers WHERE id BETWEEN 11001 AND 11500")
+        let beforeCommit = try #require(
+            try await sql.texts("SELECT pg_current_wal_insert_lsn()::text").first?.first?.flatMap(PostgresDecoding.lsn))
+        try await sql.run("COMMIT")
+        let changes: LSN = 2000 + 1000 + 500
+        try await Harness.waitUntil("the large transaction is logged and confirmed", timeout: .seconds(60)) {
+            guard ((try? Self.capture(of: publisherDB))?.head ?? 0) >= before + changes else { return false }
+            return try await Self.confirmedLSN(url: url) > beforeCommit
+        }
+        #expect(first.terminate() == 0)
+        let logged = try Self.capture(of: publisherDB).head
+        #expect(logged == before + changes)
+        // The slot as it stood before the transaction takes its place.
+        try await Harness.waitUntil("the slot is dropped", timeout: .seconds(30)) {
+            (try? await sql.run("SELECT pg_drop_replication_slot('\(slot)')")) != nil
+        }
+        try await sql.run("SELECT pg_copy_logical_replication_slot('\(slot)_before', '\(slot)')")
+        try await sql.run("SELECT pg_drop_replication_slot('\(slot)_before')")
+        #expect(try await Self.confirmedLSN(url: url) < beforeCommit, "the slot sends the transaction again")
+
+        let (second, port) = try await Self.serve(folder, url: url, extra: pieceOptions)
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
+            try await Self.waitForSentinel(replica, url: url, log: log)
+        }
+        let readPast = try String(contentsOf: log, encoding: .utf8).contains("the log holds already is sent again")
+        #expect(readPast, "the publisher said it read the transaction sent again past")
+        let again = try await Self.publisherFile(publisherDB).read { db in
+            try Int64.fetchOne(
+                db, sql: "SELECT count(*) FROM concord_log WHERE lsn > ? AND collection != 'sentinels'",
+                arguments: [Int64(logged)])!
+        }
+        #expect(again == 0, "nothing but the sentinel is logged after the restart")
+        try await Self.expectEqualToTables(replica, sql: sql)
+        #expect(second.terminate() == 0)
+        await sql.close()
+    }
+
     /// The slot dropped while the publisher was down: the copy made again writes exactly the
     /// rows that changed or vanished meanwhile, and leaves the equal ones alone.
     @Test func aCopyMadeAgainWritesOnlyTheRowsThatChanged() async throws {
