@@ -115,6 +115,7 @@ extension Bench {
         let replica = try await PostgresAdmin.connect(replicaURL, logger: logger)
         let binary = try concordBinary ?? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
         let portFile = folder.appendingPathComponent("pg-publisher.port").path
+        var backendsSince = try await replica.serverTime()
         started = ContinuousClock.now
         let publisher = try Self.child(
             binary,
@@ -170,11 +171,13 @@ extension Bench {
         // moves the wall clock by a fifth between runs.
         let publisherCPU = ProcessCPU.seconds(of: publisher.processIdentifier)
         let followerCPU = ProcessCPU.seconds(of: follower.processIdentifier)
+        let replicaServerCPU = try await replica.backendCPU(openedSince: backendsSince)
         say(
             String(
                 format:
-                    "    CPU per row: %.1f µs in the publisher, %.1f µs in the subscriber (their PostgreSQL servers not counted)",
-                publisherCPU * 1e6 / Double(rows), followerCPU * 1e6 / Double(rows)))
+                    "    CPU per row: %.1f µs in the publisher, %.1f µs in the subscriber, %.1f µs in the replica's PostgreSQL backends (the source's not counted)",
+                publisherCPU * 1e6 / Double(rows), followerCPU * 1e6 / Double(rows),
+                replicaServerCPU * 1e6 / Double(rows)))
         let headBefore = try await feedClient.feed().head
         started = ContinuousClock.now
         try await source.run("UPDATE src SET v = v || ' ' WHERE id <= \(updates)")
@@ -241,6 +244,8 @@ extension Bench {
 
         // A second replica of the same publisher: what each further replica costs once the
         // source is captured (PostgreSQL's subscription copies from the source table each time).
+        backendsSince = try await replica.serverTime()
+        let publisherCPUBeforeSecond = ProcessCPU.seconds(of: publisher.processIdentifier)
         started = ContinuousClock.now
         let second = try Self.child(
             binary,
@@ -257,7 +262,16 @@ extension Bench {
             String(
                 format: "  Concord: a second replica of the same publisher bootstrapped and verified in %.2f s",
                 secondSync))
+        // Where a further replica's time goes, process by process.
+        let secondServerCPU = try await replica.backendCPU(openedSince: backendsSince)
+        say(
+            String(
+                format:
+                    "    CPU: %.2f s in the publisher, %.2f s in the subscriber, %.2f s in the replica's PostgreSQL backends",
+                ProcessCPU.seconds(of: publisher.processIdentifier) - publisherCPUBeforeSecond,
+                ProcessCPU.seconds(of: second.processIdentifier), secondServerCPU))
         results["postgres_concord_second_replica_seconds"] = secondSync
+        results["postgres_concord_second_replica_server_cpu_seconds"] = secondServerCPU
         Self.stop(second)
         say(
             String(
@@ -496,6 +510,26 @@ final class PostgresAdmin: Sendable {
     func flag(_ sql: String) async throws -> Bool {
         try await connection.query(PostgresQuery(unsafeSQL: sql), logger: logger).collect().first?
             .decode(Bool?.self) ?? false
+    }
+
+    /// The server's clock, to tell the backends opened from now on from those before.
+    func serverTime() async throws -> String {
+        let now = try await texts("SELECT now()::text").first?.first ?? nil
+        return now ?? ""
+    }
+
+    /// CPU time used so far by the backends of this connection's database opened at or after
+    /// `since` (``serverTime()``), this connection's own left out. Read from /proc: the server
+    /// must run on this machine; a backend that has ended is not counted.
+    func backendCPU(openedSince since: String) async throws -> Double {
+        let pids = try await texts(
+            """
+            SELECT pid::text FROM pg_stat_activity
+            WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_start >= '\(since)'
+            """)
+        return pids.compactMap { $0.first ?? nil }.compactMap { pid_t($0) }.reduce(0.0) {
+            $0 + ProcessCPU.seconds(of: $1)
+        }
     }
 
     func tableExists(_ name: String) async throws -> Bool {
