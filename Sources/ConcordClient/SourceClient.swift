@@ -170,7 +170,7 @@ public struct SourceClient: Sendable {
         }
         guard response.status == .ok else {
             let body = try? await response.body.collect(upTo: 1 << 20)
-            throw Self.failure(status: response.status, body: body.map { Array(buffer: $0) } ?? [])
+            throw Self.refusedRead(Self.failure(status: response.status, body: body.map { Array(buffer: $0) } ?? []))
         }
         return response
     }
@@ -204,7 +204,23 @@ public struct SourceClient: Sendable {
     // MARK: Plumbing
 
     func get(_ path: String, timeout: Duration? = nil) async throws -> ([UInt8], HTTPHeaders) {
-        try await send(HTTPClientRequest(url: baseURL + path), timeout: timeout ?? configuration.requestTimeout)
+        do {
+            return try await send(
+                HTTPClientRequest(url: baseURL + path), timeout: timeout ?? configuration.requestTimeout)
+        } catch let error as ConcordError {
+            throw Self.refusedRead(error)
+        }
+    }
+
+    /// A read the publisher calls malformed was shaped by this client's options (pages larger
+    /// than the publisher serves): asked again, it is refused again, so it is reported as a
+    /// configuration error, which a subscriber does not retry.
+    static func refusedRead(_ error: ConcordError) -> ConcordError {
+        guard error.code == .invalidRequest else { return error }
+        return ConcordError(
+            .invalidConfiguration,
+            "the publisher refuses the request: \(error.message); check the options against the publisher's "
+                + "limits (follow --page-size, serve --max-page-size)")
     }
 
     func authorize(_ request: inout HTTPClientRequest) {

@@ -107,7 +107,8 @@ public final class Subscriber: Service, Sendable {
         while !Task.isCancelled {
             do {
                 try await session(resetting: &backoff)
-            } catch let error as ConcordError where error.code == .feedMismatch {
+            } catch let error as ConcordError where [.feedMismatch, .invalidConfiguration].contains(error.code) {
+                // Trying again cannot help: another feed, or options the publisher refuses.
                 metrics.failed(error.code)
                 logger.error("stopping: \(error.message)")
                 throw error

@@ -75,6 +75,7 @@ struct Follow: AsyncParsableCommand {
     @OptionGroup var global: GlobalOptions
 
     func run() async throws {
+        guard pageSize >= 1 else { throw ValidationError("--page-size must be at least 1") }
         let logger = global.bootstrapLogging(label: "concord.follow")
         let filter = try collections.map { list in
             try list.split(separator: ",").map { name in

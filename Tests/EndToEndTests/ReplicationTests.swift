@@ -102,6 +102,42 @@ struct ReplicationTests {
         }
     }
 
+    /// A request the publisher refuses as malformed (here pages larger than it serves) would be
+    /// refused again: the subscriber stops and says why instead of asking without end.
+    @Test func aRequestThePublisherRefusesStopsTheSubscriberWithTheReason() async throws {
+        let folder = Harness.folder()
+        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
+        try await source.write([.upsert("c", "1", json: "1")])
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
+        var configuration = PublisherServer.Configuration.testing
+        configuration.maxPageLimit = 100
+        try await PublisherServer.withRunningServer(store: source, configuration: configuration, logger: Harness.logger)
+        { url in
+            let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http, pageSize: 500)
+            let outcome = await withTaskGroup(of: (any Error)?.self) { group in
+                group.addTask {
+                    do { try await subscriber.run() } catch { return error }
+                    return nil
+                }
+                // One that kept asking would still be running here.
+                group.addTask {
+                    try? await Task.sleep(for: .seconds(20))
+                    return CancellationError()
+                }
+                let first = await group.next() ?? nil
+                group.cancelAll()
+                return first
+            }
+            let error = outcome as? ConcordError
+            #expect(error?.code == .invalidConfiguration, "\(String(describing: outcome))")
+            #expect(error?.message.contains("\"limit\" must be an integer from 1 to 100") == true)
+            #expect(error?.message.contains("--page-size") == true)
+        }
+        #expect(try replica.records(of: "c").isEmpty)
+    }
+
     @Test func aReplicaOfAnotherFeedIsRefused() async throws {
         let folder = Harness.folder()
         let first = try PublisherStore(path: folder.appendingPathComponent("a.sqlite").path)
