@@ -105,8 +105,13 @@ public final class Subscriber: Service, Sendable {
     func sessions() async throws {
         var backoff = Backoff(initial: configuration.backoffInitial, maximum: configuration.backoffMaximum)
         while !Task.isCancelled {
+            // Only a session that moved the replica starts the backoff over: one that reaches the
+            // publisher and then fails the same way each time (a stream refused with 429, a
+            // replica database that refuses writes) would otherwise be retried at once, forever.
+            let before = try? await store.state()
             do {
-                try await session(resetting: &backoff)
+                try await session()
+                backoff.reset()
             } catch let error as ConcordError where [.feedMismatch, .invalidConfiguration].contains(error.code) {
                 // Trying again cannot help: another feed, or options the publisher refuses.
                 metrics.failed(error.code)
@@ -128,6 +133,7 @@ public final class Subscriber: Service, Sendable {
                 if Task.isCancelled { return }
                 metrics.failed((error as? ConcordError)?.code ?? .internal)
                 activityBox.value = .retrying
+                if Self.moved(from: before, to: try? await store.state()) { backoff.reset() }
                 let delay = backoff.next()
                 logger.warning("source unavailable, retrying", metadata: ["error": "\(error)", "in": "\(delay)"])
                 try? await Task.sleep(for: delay)
@@ -158,8 +164,13 @@ public final class Subscriber: Service, Sendable {
         }
     }
 
+    /// Whether the replica's position or bootstrap progress differs between two readings.
+    static func moved(from before: ReplicaState?, to after: ReplicaState?) -> Bool {
+        before?.position != after?.position || before?.progress != after?.progress
+    }
+
     /// One connection's worth of work: check the feed, bootstrap if needed, follow.
-    func session(resetting backoff: inout Backoff) async throws {
+    func session() async throws {
         activityBox.value = .starting
         let feed = try await client.feed()
         var state = try await store.state()
@@ -183,7 +194,6 @@ public final class Subscriber: Service, Sendable {
             )
         }
         try await store.noteSourceHead(feed.head)
-        backoff.reset()
         if state.progress.phase == .bootstrapping {
             activityBox.value = .bootstrapping
             do {

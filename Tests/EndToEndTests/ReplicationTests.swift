@@ -138,6 +138,38 @@ struct ReplicationTests {
         #expect(try replica.records(of: "c").isEmpty)
     }
 
+    /// A session that reaches the publisher and then fails without moving the replica (here
+    /// every stream refused, 429) waits longer each time, as when the publisher cannot be
+    /// reached at all, instead of asking again at once.
+    @Test func sessionsThatFailWithoutProgressBackOff() async throws {
+        let folder = Harness.folder()
+        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
+        try await source.write([.upsert("c", "1", json: "1")])
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
+        var configuration = PublisherServer.Configuration.testing
+        configuration.maxStreams = 0
+        try await PublisherServer.withRunningServer(store: source, configuration: configuration, logger: Harness.logger)
+        { url in
+            let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await subscriber.run() }
+                try await Task.sleep(for: .seconds(3))
+                group.cancelAll()
+            }
+            let metrics = String(decoding: await subscriber.metrics.render(subscriber), as: UTF8.self)
+            let line = metrics.split(separator: "\n").first {
+                $0.hasPrefix("concord_replica_errors_total") && $0.contains("too_many_requests")
+            }
+            let refused = line.flatMap { $0.split(separator: " ").last }.flatMap { Double($0) } ?? 0
+            // Waits of 20 ms doubling up to 300 ms: about a dozen in 3 s; asked again at once
+            // after each, as before, well over a hundred.
+            #expect(refused >= 3 && refused <= 30, "\(refused) sessions refused in 3 s")
+        }
+        #expect(try replica.records(of: "c").count == 1, "the bootstrap went in before the stream was refused")
+    }
+
     @Test func aReplicaOfAnotherFeedIsRefused() async throws {
         let folder = Harness.folder()
         let first = try PublisherStore(path: folder.appendingPathComponent("a.sqlite").path)
