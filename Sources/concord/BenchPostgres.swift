@@ -115,7 +115,7 @@ extension Bench {
         let replica = try await PostgresAdmin.connect(replicaURL, logger: logger)
         let binary = try concordBinary ?? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
         let portFile = folder.appendingPathComponent("pg-publisher.port").path
-        var backendsSince = try await replica.serverTime()
+        let followerBackends = try await replica.serverTime()
         started = ContinuousClock.now
         let publisher = try Self.child(
             binary,
@@ -171,7 +171,7 @@ extension Bench {
         // moves the wall clock by a fifth between runs.
         let publisherCPU = ProcessCPU.seconds(of: publisher.processIdentifier)
         let followerCPU = ProcessCPU.seconds(of: follower.processIdentifier)
-        let replicaServerCPU = try await replica.backendCPU(openedSince: backendsSince)
+        let replicaServerCPU = try await replica.backendCPU(openedSince: followerBackends)
         say(
             String(
                 format:
@@ -198,15 +198,19 @@ extension Bench {
                 updates, concordApply, Double(updates) / concordApply, capturedUpdate ?? concordApply, concordVerified))
         let publisherUpdateCPU = ProcessCPU.seconds(of: publisher.processIdentifier) - publisherCPU
         let followerUpdateCPU = ProcessCPU.seconds(of: follower.processIdentifier) - followerCPU
+        let replicaServerUpdateCPU = try await replica.backendCPU(openedSince: followerBackends) - replicaServerCPU
         say(
             String(
-                format: "    CPU per row: %.1f µs in the publisher, %.1f µs in the subscriber",
-                publisherUpdateCPU * 1e6 / Double(updates), followerUpdateCPU * 1e6 / Double(updates)))
+                format:
+                    "    CPU per row: %.1f µs in the publisher, %.1f µs in the subscriber, %.1f µs in the replica's PostgreSQL backends",
+                publisherUpdateCPU * 1e6 / Double(updates), followerUpdateCPU * 1e6 / Double(updates),
+                replicaServerUpdateCPU * 1e6 / Double(updates)))
 
         // The same backlog, committed while the publisher is paused (SIGSTOP), so its slot holds
         // it as PostgreSQL's disabled subscription's did.
         let cpuBeforeBacklog = (
-            ProcessCPU.seconds(of: publisher.processIdentifier), ProcessCPU.seconds(of: follower.processIdentifier)
+            ProcessCPU.seconds(of: publisher.processIdentifier), ProcessCPU.seconds(of: follower.processIdentifier),
+            try await replica.backendCPU(openedSince: followerBackends)
         )
         let headBeforeBacklog = try await feedClient.feed().head
         kill(publisher.processIdentifier, SIGSTOP)
@@ -236,15 +240,18 @@ extension Bench {
                     "  Concord: caught up on %d transactions in %.2f s (%.0f/s; captured into the publisher after %.2f s), verified at the head after %.2f s",
                 small, concordCatchUp, Double(small) / concordCatchUp, capturedBacklog ?? concordCatchUp,
                 concordCatchUpVerified))
+        let replicaServerBacklogCPU = try await replica.backendCPU(openedSince: followerBackends) - cpuBeforeBacklog.2
         say(
             String(
-                format: "    CPU per transaction: %.1f µs in the publisher, %.1f µs in the subscriber",
+                format:
+                    "    CPU per transaction: %.1f µs in the publisher, %.1f µs in the subscriber, %.1f µs in the replica's PostgreSQL backends",
                 (ProcessCPU.seconds(of: publisher.processIdentifier) - cpuBeforeBacklog.0) * 1e6 / Double(small),
-                (ProcessCPU.seconds(of: follower.processIdentifier) - cpuBeforeBacklog.1) * 1e6 / Double(small)))
+                (ProcessCPU.seconds(of: follower.processIdentifier) - cpuBeforeBacklog.1) * 1e6 / Double(small),
+                replicaServerBacklogCPU * 1e6 / Double(small)))
 
         // A second replica of the same publisher: what each further replica costs once the
         // source is captured (PostgreSQL's subscription copies from the source table each time).
-        backendsSince = try await replica.serverTime()
+        let secondBackends = try await replica.serverTime()
         let publisherCPUBeforeSecond = ProcessCPU.seconds(of: publisher.processIdentifier)
         started = ContinuousClock.now
         let second = try Self.child(
@@ -263,7 +270,7 @@ extension Bench {
                 format: "  Concord: a second replica of the same publisher bootstrapped and verified in %.2f s",
                 secondSync))
         // Where a further replica's time goes, process by process.
-        let secondServerCPU = try await replica.backendCPU(openedSince: backendsSince)
+        let secondServerCPU = try await replica.backendCPU(openedSince: secondBackends)
         say(
             String(
                 format:
