@@ -106,7 +106,7 @@ public struct SourceClient: Sendable {
         var path = "/v1/changes?after=\(after)&limit=\(limit)&wait=\(wait)"
         if configuration.requestsBefore { path += "&before=1" }
         if let collections { path += "&collections=" + collections.joined(separator: ",") }
-        let (body, headers) = try await get(path, timeout: .seconds(Int64(wait)) + configuration.requestTimeout)
+        let (body, headers) = try await getSized(path, timeout: .seconds(Int64(wait)) + configuration.requestTimeout)
         var lines = LineRanges(body)
         var items: [StreamItem] = []
         var checkpoints: [Checkpoint] = []
@@ -150,7 +150,7 @@ public struct SourceClient: Sendable {
         if let afterKey {
             path += "&afterKey=" + (afterKey.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? afterKey)
         }
-        let (body, _) = try await get(path)
+        let (body, _) = try await getSized(path)
         return try WireFormat.decodePage(body)
     }
 
@@ -170,7 +170,7 @@ public struct SourceClient: Sendable {
         }
         guard response.status == .ok else {
             let body = try? await response.body.collect(upTo: 1 << 20)
-            throw Self.refusedRead(Self.failure(status: response.status, body: body.map { Array(buffer: $0) } ?? []))
+            throw Self.failure(status: response.status, body: body.map { Array(buffer: $0) } ?? [])
         }
         return response
     }
@@ -204,23 +204,29 @@ public struct SourceClient: Sendable {
     // MARK: Plumbing
 
     func get(_ path: String, timeout: Duration? = nil) async throws -> ([UInt8], HTTPHeaders) {
+        try await send(HTTPClientRequest(url: baseURL + path), timeout: timeout ?? configuration.requestTimeout)
+    }
+
+    /// A read of changes or of a page, whose size this client's options chose.
+    func getSized(_ path: String, timeout: Duration? = nil) async throws -> ([UInt8], HTTPHeaders) {
         do {
-            return try await send(
-                HTTPClientRequest(url: baseURL + path), timeout: timeout ?? configuration.requestTimeout)
+            return try await get(path, timeout: timeout)
         } catch let error as ConcordError {
-            throw Self.refusedRead(error)
+            throw Self.refusedSizedRead(error, path: path)
         }
     }
 
-    /// A read the publisher calls malformed was shaped by this client's options (pages larger
-    /// than the publisher serves): asked again, it is refused again, so it is reported as a
-    /// configuration error, which a subscriber does not retry.
-    static func refusedRead(_ error: ConcordError) -> ConcordError {
+    /// A read of changes or of a page that the publisher calls malformed is one this client's
+    /// options shaped (a publisher that does not say its limit in the feed, and pages larger
+    /// than it serves): asked again, it is refused again, so it is reported as a configuration
+    /// error, which a subscriber does not retry.
+    static func refusedSizedRead(_ error: ConcordError, path: String) -> ConcordError {
         guard error.code == .invalidRequest else { return error }
+        let request = path.split(separator: "?").first.map(String.init) ?? path
         return ConcordError(
             .invalidConfiguration,
-            "the publisher refuses the request: \(error.message); check the options against the publisher's "
-                + "limits (follow --page-size, serve --max-page-size)")
+            "the publisher refuses GET \(request): \(error.message); check follow --page-size against the "
+                + "publisher's serve --max-page-size")
     }
 
     func authorize(_ request: inout HTTPClientRequest) {

@@ -58,6 +58,13 @@ public final class Subscriber: Service, Sendable {
     let activityBox = ActivityBox()
     let reconciler: Reconciler
     let nextScrub: Mutex<ContinuousClock.Instant>
+    /// The largest `limit` the publisher's feed said it takes (`Int.max` until one says).
+    let publisherLimit = Atomic<Int>(.max)
+
+    /// Records per snapshot page: as configured, but no more than the publisher serves.
+    var pageSize: Int { min(configuration.pageSize, publisherLimit.load(ordering: .relaxed)) }
+    /// Changes per pull: as configured, but no more than the publisher serves.
+    var pullLimit: Int { min(configuration.pullLimit, publisherLimit.load(ordering: .relaxed)) }
 
     public init(configuration: Configuration, store: any ReplicaStoring, http: HTTPClient, logger: Logger) {
         self.configuration = configuration
@@ -105,10 +112,12 @@ public final class Subscriber: Service, Sendable {
     func sessions() async throws {
         var backoff = Backoff(initial: configuration.backoffInitial, maximum: configuration.backoffMaximum)
         while !Task.isCancelled {
-            // Only a session that moved the replica starts the backoff over: one that reaches the
-            // publisher and then fails the same way each time (a stream refused with 429, a
-            // replica database that refuses writes) would otherwise be retried at once, forever.
+            // Only a session that moved the replica, or lasted longer than the longest wait,
+            // starts the backoff over: one that reaches the publisher and then fails the same way
+            // each time (a stream refused with 429, a replica database that refuses writes) would
+            // otherwise be retried at once, forever.
             let before = try? await store.state()
+            let started = ContinuousClock.now
             do {
                 try await session()
                 backoff.reset()
@@ -133,7 +142,13 @@ public final class Subscriber: Service, Sendable {
                 if Task.isCancelled { return }
                 metrics.failed((error as? ConcordError)?.code ?? .internal)
                 activityBox.value = .retrying
-                if Self.moved(from: before, to: try? await store.state()) { backoff.reset() }
+                // A long healthy session that finally breaks is retried promptly, as is one that
+                // moved the replica.
+                let after = try? await store.state()
+                if ContinuousClock.now - started >= configuration.backoffMaximum || Self.moved(from: before, to: after)
+                {
+                    backoff.reset()
+                }
                 let delay = backoff.next()
                 logger.warning("source unavailable, retrying", metadata: ["error": "\(error)", "in": "\(delay)"])
                 try? await Task.sleep(for: delay)
@@ -164,15 +179,23 @@ public final class Subscriber: Service, Sendable {
         }
     }
 
-    /// Whether the replica's position or bootstrap progress differs between two readings.
+    /// Whether the replica moved between two readings: its position, its bootstrap, what it
+    /// proved or repaired.
     static func moved(from before: ReplicaState?, to after: ReplicaState?) -> Bool {
         before?.position != after?.position || before?.progress != after?.progress
+            || before?.verifiedLSN != after?.verifiedLSN || before?.repairs != after?.repairs
     }
 
     /// One connection's worth of work: check the feed, bootstrap if needed, follow.
     func session() async throws {
         activityBox.value = .starting
         let feed = try await client.feed()
+        let limit = feed.limit ?? .max
+        if publisherLimit.exchange(limit, ordering: .relaxed) != limit, configuration.pageSize > limit {
+            logger.info(
+                "the publisher serves at most \(limit) records a request: pages and pulls ask for that many",
+                metadata: ["page_size": "\(configuration.pageSize)"])
+        }
         var state = try await store.state()
         if state == nil {
             let paged = Self.followed(feed, filter: configuration.collections)
@@ -356,7 +379,7 @@ public final class Subscriber: Service, Sendable {
         for (collection, cursor) in state.progress.remaining.sorted(by: { $0.key < $1.key }) {
             let total = sizes[collection] ?? 0
             logger.info("copying collection", metadata: ["collection": "\(collection)", "records": "\(total)"])
-            var page = try await client.page(collection: collection, afterKey: cursor, limit: configuration.pageSize)
+            var page = try await client.page(collection: collection, afterKey: cursor, limit: pageSize)
             var copied = 0
             let started = ContinuousClock.now
             var lastReport = started
@@ -368,7 +391,7 @@ public final class Subscriber: Service, Sendable {
                     if current.hasMore, let last = current.records.last?.key {
                         group.addTask {
                             try await self.client.page(
-                                collection: collection, afterKey: last, limit: self.configuration.pageSize)
+                                collection: collection, afterKey: last, limit: self.pageSize)
                         }
                     }
                     group.addTask {
@@ -424,7 +447,7 @@ public final class Subscriber: Service, Sendable {
             guard let position = try await store.state()?.position else { return total }
             if let target, position >= target { return total }
             let (items, head) = try await client.changes(
-                after: position, limit: configuration.pullLimit, collections: configuration.collections)
+                after: position, limit: pullLimit, collections: configuration.collections)
             if let head { try await store.noteSourceHead(head) }
             var sequencer = ChangeSequencer(after: position)
             for item in items {
@@ -453,7 +476,7 @@ public final class Subscriber: Service, Sendable {
         var lines = LineSplitter()
         let bootstrapping = try await store.state()?.progress.phase == .bootstrapping
         let verifying = configuration.verification
-        let pipeline = ApplyPipeline(maxBacklog: configuration.pullLimit) { batch in
+        let pipeline = ApplyPipeline(maxBacklog: pullLimit) { batch in
             guard let through = batch.through else {
                 guard let checkpoint = batch.checkpoint else { return true }
                 return try await self.verifyAt(checkpoint)

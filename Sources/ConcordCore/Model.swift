@@ -122,6 +122,9 @@ public struct FeedInfo: Sendable, Hashable {
     /// The oldest LSN still in the log; `head + 1` when the log is empty.
     public var oldest: LSN
     public var collections: [Collection]
+    /// The largest `limit` the publisher takes for changes and snapshot pages (`nil` from a
+    /// publisher that does not say): a subscriber asks for no more.
+    public var limit: Int?
 
     public init(feedID: String, head: LSN, oldest: LSN, collections: [Collection]) {
         self.feedID = feedID

@@ -298,7 +298,12 @@ public enum WireFormat {
             }
             writer.raw("}")
         }
-        writer.raw("]}\n")
+        writer.raw("]")
+        if let limit = feed.limit {
+            writer.raw(",\"limit\":")
+            writer.number(limit)
+        }
+        writer.raw("}\n")
         return writer.bytes
     }
 
@@ -310,6 +315,12 @@ public enum WireFormat {
             case "feed": feed.feedID = try scanner.decodeString(member)
             case "head": feed.head = try scanner.decodeUInt64(member)
             case "oldest": feed.oldest = try scanner.decodeUInt64(member)
+            case "limit":
+                let limit = try scanner.decodeUInt64(member)
+                guard limit >= 1, limit <= UInt64(Int.max) else {
+                    throw ConcordError(.protocolViolation, "a feed's limit must be at least 1")
+                }
+                feed.limit = Int(limit)
             case "collections":
                 try scanner.forEachElement(of: member) { (element) throws(ConcordError) in
                     var collection = FeedInfo.Collection(name: "", count: 0)

@@ -418,6 +418,7 @@ struct API: Sendable {
     func feed(token: AccessToken?) async throws -> Response {
         var feed = try await store.feedInfo()
         if let allowed = token?.collections { feed.collections.removeAll { !allowed.contains($0.name) } }
+        feed.limit = min(configuration.maxChangeLimit, configuration.maxPageLimit)
         return Response.json(WireFormat.encode(feed))
     }
 

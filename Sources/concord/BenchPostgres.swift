@@ -521,8 +521,10 @@ final class PostgresAdmin: Sendable {
 
     /// The server's clock, to tell the backends opened from now on from those before.
     func serverTime() async throws -> String {
-        let now = try await texts("SELECT now()::text").first?.first ?? nil
-        return now ?? ""
+        guard let now = try await texts("SELECT now()::text").first?.first ?? nil else {
+            throw ConcordError(.internal, "the replica server did not say its time")
+        }
+        return now
     }
 
     /// CPU time used so far by the backends of this connection's database opened at or after
@@ -532,7 +534,8 @@ final class PostgresAdmin: Sendable {
         let pids = try await texts(
             """
             SELECT pid::text FROM pg_stat_activity
-            WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_start >= '\(since)'
+            WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()
+                AND backend_start >= '\(since)'::timestamptz
             """)
         return pids.compactMap { $0.first ?? nil }.compactMap { pid_t($0) }.reduce(0.0) {
             $0 + ProcessCPU.seconds(of: $1)

@@ -178,6 +178,11 @@ import Testing
             feedID: "f", head: 9, oldest: 1,
             collections: [.init(name: "a", count: 1, digest: digest), .init(name: "b", count: 0)])
         #expect(try WireFormat.decodeFeed(WireFormat.encode(feed)) == feed)
+        var limited = feed
+        limited.limit = 100
+        #expect(try WireFormat.decodeFeed(WireFormat.encode(limited)) == limited)
+        #expect(String(decoding: WireFormat.encode(limited), as: UTF8.self).hasSuffix(#"],"limit":100}"# + "\n"))
+        #expect(throws: ConcordError.self) { try WireFormat.decodeFeed(Array(#"{"feed":"f","limit":0}"#.utf8)) }
     }
 
     @Test func lineSplitterJoinsChunks() {

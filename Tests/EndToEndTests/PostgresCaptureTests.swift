@@ -355,7 +355,6 @@ import Testing
         try await Self.fillInitialRows(sql)
         let folder = Harness.folder()
         let publisherDB = folder.appendingPathComponent("source.sqlite").path
-        let log = folder.appendingPathComponent("serve.log")
         let slot = Self.slot(url)
         let pieceOptions = ["--transaction-piece", "100"]
         let (first, _) = try await Self.serve(folder, url: url, extra: pieceOptions)
@@ -364,6 +363,26 @@ import Testing
         }
         let before = try Self.capture(of: publisherDB).head
         try await sql.run("SELECT pg_copy_logical_replication_slot('\(slot)', '\(slot)_before')")
+        do {
+            try await Self.replayAfterCommit(
+                url: url, sql: sql, folder: folder, publisher: first, from: before, slot: slot, options: pieceOptions)
+        } catch {
+            // The copy would keep the shared server's WAL for good.
+            try? await sql.run(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '\(slot)_before'"
+            )
+            throw error
+        }
+        await sql.close()
+    }
+
+    /// The rest of the test above: a large transaction, logged, then sent again by the slot copy.
+    static func replayAfterCommit(
+        url: String, sql: SQLSession, folder: URL, publisher first: ConcordProcess, from before: LSN, slot: String,
+        options pieceOptions: [String]
+    ) async throws {
+        let publisherDB = folder.appendingPathComponent("source.sqlite").path
+        let log = folder.appendingPathComponent("serve.log")
         try await sql.run("BEGIN")
         try await sql.run("INSERT INTO customers (id, name) SELECT g, 'big ' || g FROM generate_series(10001, 12000) g")
         try await sql.run("UPDATE customers SET balance = 7 WHERE id <= 1000")
@@ -402,7 +421,6 @@ import Testing
         #expect(again == 0, "nothing but the sentinel is logged after the restart")
         try await Self.expectEqualToTables(replica, sql: sql)
         #expect(second.terminate() == 0)
-        await sql.close()
     }
 
     /// The slot dropped while the publisher was down: the copy made again writes exactly the

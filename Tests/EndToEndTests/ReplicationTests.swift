@@ -102,20 +102,47 @@ struct ReplicationTests {
         }
     }
 
-    /// A request the publisher refuses as malformed (here pages larger than it serves) would be
-    /// refused again: the subscriber stops and says why instead of asking without end.
-    @Test func aRequestThePublisherRefusesStopsTheSubscriberWithTheReason() async throws {
+    /// Pages and pulls larger than the publisher serves (its feed says how many) are asked at
+    /// its size: the replica bootstraps and follows as with a smaller --page-size.
+    @Test func pagesLargerThanThePublisherServesAreAskedAtItsSize() async throws {
+        let folder = Harness.folder()
+        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
+        try await source.write((0..<250).map { .upsert("c", "\($0)", json: "\($0)") })
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
+        var configuration = PublisherServer.Configuration.testing
+        configuration.maxPageLimit = 100
+        configuration.maxChangeLimit = 100
+        try await PublisherServer.withRunningServer(store: source, configuration: configuration, logger: Harness.logger)
+        { url in
+            #expect(try await SourceClient(baseURL: url, http: http).feed().limit == 100)
+            let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http, pageSize: 500)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await subscriber.run() }
+                try await Harness.waitUntil("the replica follows at the head", timeout: .seconds(30)) {
+                    let state = try replica.state()
+                    return state?.progress.phase == .following && state?.position == source.head
+                }
+                group.cancelAll()
+            }
+        }
+        #expect(try await Harness.differences(source: source, replica: replica) == [])
+    }
+
+    /// A read the publisher refuses as malformed (here pages of 0, from a subscriber that did
+    /// not check) would be refused again: the subscriber stops and says why instead of asking
+    /// without end.
+    @Test func aReadThePublisherRefusesStopsTheSubscriberWithTheReason() async throws {
         let folder = Harness.folder()
         let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
         try await source.write([.upsert("c", "1", json: "1")])
         let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
         let http = SourceClient.makeHTTPClient()
         defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
-        var configuration = PublisherServer.Configuration.testing
-        configuration.maxPageLimit = 100
-        try await PublisherServer.withRunningServer(store: source, configuration: configuration, logger: Harness.logger)
-        { url in
-            let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http, pageSize: 500)
+        try await PublisherServer.withRunningServer(store: source, configuration: .testing, logger: Harness.logger) {
+            url in
+            let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http, pageSize: 0)
             let outcome = await withTaskGroup(of: (any Error)?.self) { group in
                 group.addTask {
                     do { try await subscriber.run() } catch { return error }
@@ -132,7 +159,8 @@ struct ReplicationTests {
             }
             let error = outcome as? ConcordError
             #expect(error?.code == .invalidConfiguration, "\(String(describing: outcome))")
-            #expect(error?.message.contains("\"limit\" must be an integer from 1 to 100") == true)
+            #expect(error?.message.contains("GET /v1/collections/c/records") == true)
+            #expect(error?.message.contains("\"limit\" must be an integer from 1 to") == true)
             #expect(error?.message.contains("--page-size") == true)
         }
         #expect(try replica.records(of: "c").isEmpty)
