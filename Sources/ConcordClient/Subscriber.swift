@@ -10,8 +10,9 @@ import Synchronization
 /// snapshot pages while following the log, then applies the live stream.
 ///
 /// Runs until cancelled or shut down gracefully. Network failures and publisher
-/// restarts are retried with backoff from the position stored in the replica; only a
-/// replica that belongs to another feed stops it with an error.
+/// restarts are retried with backoff from the position stored in the replica; a replica
+/// that belongs to another feed stops it with an error, and so does a page or pull refused
+/// by a publisher that does not say its limit.
 public final class Subscriber: Service, Sendable {
     public struct Configuration: Sendable {
         /// The publisher, e.g. `http://127.0.0.1:7070`.
@@ -121,7 +122,9 @@ public final class Subscriber: Service, Sendable {
             do {
                 try await session()
                 backoff.reset()
-            } catch let error as ConcordError where [.feedMismatch, .invalidConfiguration].contains(error.code) {
+            } catch let error as ConcordError
+                where Self.stops(on: error, publisherSaidLimit: publisherLimit.load(ordering: .relaxed) != .max)
+            {
                 // Trying again cannot help: another feed, or options the publisher refuses.
                 metrics.failed(error.code)
                 logger.error("stopping: \(error.message)")
@@ -176,6 +179,17 @@ public final class Subscriber: Service, Sendable {
                 logger.debug("report not delivered", metadata: ["error": "\(error)"])
             }
             try? await Task.sleep(for: interval)
+        }
+    }
+
+    /// Whether `error` ends the subscriber rather than being retried: a replica of another feed,
+    /// or a page or pull refused by a publisher that does not say its limit. One that says it
+    /// may have lowered it since the session read it: the next session reads it again.
+    public static func stops(on error: ConcordError, publisherSaidLimit: Bool) -> Bool {
+        switch error.code {
+        case .feedMismatch: true
+        case .invalidConfiguration: !publisherSaidLimit
+        default: false
         }
     }
 
@@ -476,7 +490,7 @@ public final class Subscriber: Service, Sendable {
         var lines = LineSplitter()
         let bootstrapping = try await store.state()?.progress.phase == .bootstrapping
         let verifying = configuration.verification
-        let pipeline = ApplyPipeline(maxBacklog: pullLimit) { batch in
+        let pipeline = ApplyPipeline(maxBacklog: configuration.pullLimit) { batch in
             guard let through = batch.through else {
                 guard let checkpoint = batch.checkpoint else { return true }
                 return try await self.verifyAt(checkpoint)

@@ -368,6 +368,7 @@ import Testing
                 url: url, sql: sql, folder: folder, publisher: first, from: before, slot: slot, options: pieceOptions)
         } catch {
             // The copy would keep the shared server's WAL for good.
+            try? await sql.run("ROLLBACK")
             try? await sql.run(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '\(slot)_before'"
             )

@@ -130,10 +130,11 @@ struct ReplicationTests {
         #expect(try await Harness.differences(source: source, replica: replica) == [])
     }
 
-    /// A read the publisher refuses as malformed (here pages of 0, from a subscriber that did
-    /// not check) would be refused again: the subscriber stops and says why instead of asking
-    /// without end.
-    @Test func aReadThePublisherRefusesStopsTheSubscriberWithTheReason() async throws {
+    /// A page the publisher refuses as malformed comes back as a configuration error naming the
+    /// request. A subscriber stops on it only when the publisher did not say its limit (one that
+    /// said it may have lowered it since, and the next session reads it): against this one it
+    /// keeps retrying.
+    @Test func aPageThePublisherRefusesNamesTheRequest() async throws {
         let folder = Harness.folder()
         let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
         try await source.write([.upsert("c", "1", json: "1")])
@@ -142,28 +143,36 @@ struct ReplicationTests {
         defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         try await PublisherServer.withRunningServer(store: source, configuration: .testing, logger: Harness.logger) {
             url in
+            let refusal = await #expect(throws: ConcordError.self) {
+                _ = try await SourceClient(baseURL: url, http: http).page(collection: "c", afterKey: nil, limit: 0)
+            }
+            #expect(refusal?.code == .invalidConfiguration)
+            #expect(refusal?.message.contains("GET /v1/collections/c/records") == true)
+            #expect(refusal?.message.contains("\"limit\" must be an integer from 1 to") == true)
+            #expect(refusal?.message.contains("--page-size") == true)
+            if let refusal {
+                #expect(Subscriber.stops(on: refusal, publisherSaidLimit: false))
+                #expect(!Subscriber.stops(on: refusal, publisherSaidLimit: true))
+            }
             let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http, pageSize: 0)
-            let outcome = await withTaskGroup(of: (any Error)?.self) { group in
+            let ended = await withTaskGroup(of: Bool.self) { group in
                 group.addTask {
-                    do { try await subscriber.run() } catch { return error }
-                    return nil
+                    _ = try? await subscriber.run()
+                    return true
                 }
-                // One that kept asking would still be running here.
                 group.addTask {
-                    try? await Task.sleep(for: .seconds(20))
-                    return CancellationError()
+                    try? await Task.sleep(for: .seconds(2))
+                    return false
                 }
-                let first = await group.next() ?? nil
+                let first = await group.next() ?? true
                 group.cancelAll()
                 return first
             }
-            let error = outcome as? ConcordError
-            #expect(error?.code == .invalidConfiguration, "\(String(describing: outcome))")
-            #expect(error?.message.contains("GET /v1/collections/c/records") == true)
-            #expect(error?.message.contains("\"limit\" must be an integer from 1 to") == true)
-            #expect(error?.message.contains("--page-size") == true)
+            #expect(!ended, "a publisher that says its limit is asked again")
         }
         #expect(try replica.records(of: "c").isEmpty)
+        #expect(Subscriber.stops(on: ConcordError(.feedMismatch, ""), publisherSaidLimit: true))
+        #expect(!Subscriber.stops(on: ConcordError(.unavailable, ""), publisherSaidLimit: false))
     }
 
     /// A session that reaches the publisher and then fails without moving the replica (here
