@@ -217,9 +217,9 @@ public struct SourceClient: Sendable {
     }
 
     /// A read of changes or of a page that the publisher calls malformed is one this client's
-    /// options shaped (a publisher that does not say its limit in the feed, and pages larger
-    /// than it serves): asked again, it is refused again, so it is reported as a configuration
-    /// error, which a subscriber does not retry.
+    /// options shaped (pages larger than a publisher serves that does not say its limit in the
+    /// feed): asked again, it is refused again, so it is reported as a configuration error,
+    /// which stops a subscriber when the feed gave no limit.
     static func refusedSizedRead(_ error: ConcordError, path: String) -> ConcordError {
         guard error.code == .invalidRequest else { return error }
         let request = path.split(separator: "?").first.map(String.init) ?? path
