@@ -102,13 +102,19 @@ struct ReplicationTests {
         }
     }
 
+    /// In a new folder: a publisher file holding `records` records of collection "c", and an
+    /// empty replica file.
+    static func publisherAndReplica(records: Int = 1) async throws -> (PublisherStore, ReplicaStore) {
+        let folder = Harness.folder()
+        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
+        try await source.write((0..<records).map { .upsert("c", "\($0)", json: "\($0)") })
+        return (source, try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path))
+    }
+
     /// Pages and pulls larger than the publisher serves (its feed says how many) are asked at
     /// its size: the replica bootstraps and follows as with a smaller --page-size.
     @Test func pagesLargerThanThePublisherServesAreAskedAtItsSize() async throws {
-        let folder = Harness.folder()
-        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
-        try await source.write((0..<250).map { .upsert("c", "\($0)", json: "\($0)") })
-        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        let (source, replica) = try await Self.publisherAndReplica(records: 250)
         let http = SourceClient.makeHTTPClient()
         defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         var configuration = PublisherServer.Configuration.testing
@@ -135,10 +141,7 @@ struct ReplicationTests {
     /// said it may have lowered it since, and the next session reads it): against this one it
     /// keeps retrying.
     @Test func aPageThePublisherRefusesNamesTheRequest() async throws {
-        let folder = Harness.folder()
-        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
-        try await source.write([.upsert("c", "1", json: "1")])
-        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        let (source, replica) = try await Self.publisherAndReplica()
         let http = SourceClient.makeHTTPClient()
         defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         try await PublisherServer.withRunningServer(store: source, configuration: .testing, logger: Harness.logger) {
@@ -179,10 +182,7 @@ struct ReplicationTests {
     /// every stream refused, 429) waits longer each time, as when the publisher cannot be
     /// reached at all, instead of asking again at once.
     @Test func sessionsThatFailWithoutProgressBackOff() async throws {
-        let folder = Harness.folder()
-        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
-        try await source.write([.upsert("c", "1", json: "1")])
-        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        let (source, replica) = try await Self.publisherAndReplica()
         let http = SourceClient.makeHTTPClient()
         defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         var configuration = PublisherServer.Configuration.testing
