@@ -23,6 +23,10 @@ public final class Subscriber: Service, Sendable {
         public var pageSize = 10_000
         /// Changes per pull while catching up.
         public var pullLimit = 10_000
+        /// Changes of a source transaction written together while its rest is still coming: a
+        /// store that can (PostgreSQL) writes a large transaction piece by piece inside one
+        /// local transaction, instead of waiting for all of it.
+        public var transactionPiece = 5_000
         public var backoffInitial: Duration = .milliseconds(100)
         public var backoffMaximum: Duration = .seconds(5)
         /// How often the stored rows are re-hashed and compared with the digests (`nil`: never).
@@ -91,6 +95,10 @@ public final class Subscriber: Service, Sendable {
     /// Holes in the stream (messages lost on the wire) refilled by a pull, and the bytes those pulls took.
     public var refills: (holes: Int, bytes: Int) { refillCounts.withLock { $0 } }
     let refillCounts = Mutex<(holes: Int, bytes: Int)>((0, 0))
+
+    /// Source transactions written in pieces as they came (see ``Configuration/transactionPiece``).
+    public var transactionsWrittenInPieces: Int { piecedTransactions.load(ordering: .relaxed) }
+    let piecedTransactions = Atomic<Int>(0)
 
     /// Bytes that reconciliations sent and received (symbols, lookups and the records repaired).
     public var reconciliationBytes: Int { reconciledBytes.withLock { $0 } }
@@ -490,7 +498,38 @@ public final class Subscriber: Service, Sendable {
         var lines = LineSplitter()
         let bootstrapping = try await store.state()?.progress.phase == .bootstrapping
         let verifying = configuration.verification
-        let pipeline = ApplyPipeline(maxBacklog: configuration.pullLimit) { batch in
+        let pipeline = ApplyPipeline(maxBacklog: configuration.pullLimit) { batch, more in
+            if batch.continues, let through = batch.through {
+                // A large source transaction, written as it comes: the batch that ends it says
+                // which checkpoint to judge after the commit.
+                var closing: ApplyBacklog.Batch?
+                var pieces = 1
+                let started = ContinuousClock.now
+                self.logger.debug(
+                    "a large source transaction is written as it comes",
+                    metadata: ["from": "\(batch.items.first?.firstLSN ?? 0)"])
+                try await self.store.apply(batch.items, through: through) {
+                    while true {
+                        guard let next = await more() else {
+                            throw ConcordError(.unavailable, "the stream ended inside a source transaction")
+                        }
+                        // A checkpoint alone cannot be judged inside a transaction.
+                        guard let through = next.through else { continue }
+                        pieces += 1
+                        if !next.continues { closing = next }
+                        return StreamPiece(items: next.items, through: through, endsTransaction: !next.continues)
+                    }
+                }
+                self.piecedTransactions.add(1, ordering: .relaxed)
+                self.logger.debug(
+                    "a large source transaction is written",
+                    metadata: [
+                        "through": "\(closing?.through ?? through)", "pieces": "\(pieces)",
+                        "seconds": "\(Reconciler.seconds(since: started))",
+                    ])
+                guard let checkpoint = closing?.checkpoint else { return true }
+                return try await self.verifyAt(checkpoint)
+            }
             guard let through = batch.through else {
                 guard let checkpoint = batch.checkpoint else { return true }
                 return try await self.verifyAt(checkpoint)
@@ -507,12 +546,17 @@ public final class Subscriber: Service, Sendable {
             return try await self.verifyAt(checkpoint, outcome: outcome)
         }
         let hashesAhead = verifying && !bootstrapping
-        /// Hands whole transactions (and a checkpoint that follows them) to the pipeline; while
-        /// bootstrapping, waits for them, as the bootstrap may complete with any of them.
+        // While bootstrapping, only whole transactions: the bootstrap may complete with any.
+        let piece = bootstrapping ? Int.max : max(1, configuration.transactionPiece)
+        /// Hands whole transactions (and a checkpoint that follows them), or the first pieces of
+        /// a large one, to the pipeline; while bootstrapping, waits for them, as the bootstrap may
+        /// complete with any of them.
         func submit(checkpoint: Checkpoint? = nil) async throws -> Bool {
-            let complete = sequencer.takeComplete()
-            guard complete != nil || checkpoint != nil else { return true }
-            try await pipeline.submit(complete?.items ?? [], through: complete?.through, checkpoint: checkpoint)
+            let ready = sequencer.takeReady(minimumPiece: piece)
+            guard ready != nil || checkpoint != nil else { return true }
+            try await pipeline.submit(
+                ready?.items ?? [], through: ready?.through, checkpoint: checkpoint,
+                continues: ready?.continues ?? false)
             if bootstrapping {
                 try await pipeline.drain()
                 if try await store.completeBootstrapIfReady() { return false }
@@ -527,13 +571,21 @@ public final class Subscriber: Service, Sendable {
                     // Hashed here, while the previous batch is written.
                     switch try WireFormat.parseStreamLine(lines.buffer, range: line, hashingAfter: hashesAhead) {
                     case .heartbeat(let head):
+                        // The pipeline's writer may hold the replica's write connection open
+                        // for the rest of a transaction written in pieces. Handed everything
+                        // received, it finishes on its own, unless the transaction's end has not
+                        // come yet: then the next heartbeat says the head, and the scrub waits.
+                        guard try await submit() else { return }
+                        guard !sequencer.isInsideTransaction else { break }
                         try await store.noteSourceHead(head)
                         if scrubDue {
                             try await pipeline.drain()
                             return
                         }
                     case .checkpoint(let checkpoint):
-                        guard try await submit(checkpoint: checkpoint) else { return }
+                        // None can be judged inside a transaction (its end was lost on the wire).
+                        let judged = sequencer.isInsideTransaction ? nil : checkpoint
+                        guard try await submit(checkpoint: judged) else { return }
                     case .item(let item):
                         if case .gap(let expected, let received) = sequencer.receive(item) {
                             logger.warning(
@@ -556,7 +608,7 @@ public final class Subscriber: Service, Sendable {
                 // Whole transactions go to the pipeline at once: its writer takes them as soon as
                 // it is free, together with any that queued while it wrote.
                 guard try await submit() else { return }
-                if scrubDue {
+                if scrubDue, !sequencer.isInsideTransaction {
                     _ = try await submit()
                     try await pipeline.drain()
                     return
@@ -593,21 +645,42 @@ public final class Subscriber: Service, Sendable {
 /// goes on parsing; one writer task takes everything that waits (up to the newest checkpoint)
 /// as a single batch. With more than `maxBacklog` stream items queued, the reader waits until
 /// the writer takes its next batch: memory stays near that bound, not exactly under it.
+///
+/// A batch that ends inside a source transaction (pieces of a large one) is written with the
+/// batches that follow it, which the writer asks for with `more`, until one ends the
+/// transaction; `more` gives `nil` once the reader drains without the end, and the batch's
+/// work is then rolled back, not reported as a failure.
 final class ApplyPipeline: Sendable {
     private struct State: Sendable {
         var backlog = ApplyBacklog()
         var writer: Task<Void, Never>?
         var failure: (any Error)?
         var waitingForSpace: CheckedContinuation<Void, Never>?
+        /// The writer, inside a source transaction, waiting for its next piece.
+        var waitingForPiece: CheckedContinuation<ApplyBacklog.Batch?, Never>?
+        /// The reader is draining: nothing more comes until it returns.
+        var draining = false
+        /// A transaction was left open when the reader drained: its rollback is no failure.
+        var abandoned = false
+
+        /// Takes the next batch; frees a reader that waits for space.
+        mutating func take() -> (ApplyBacklog.Batch?, CheckedContinuation<Void, Never>?) {
+            defer { waitingForSpace = nil }
+            return (backlog.takeBatch(), waitingForSpace)
+        }
     }
 
     private let state = Mutex(State())
     private let stopRequested = Atomic<Bool>(false)
     private let maxBacklog: Int
-    /// Writes one batch; returns false to ask the reader to stop (its checkpoint changed the replica's phase).
-    private let write: @Sendable (ApplyBacklog.Batch) async throws -> Bool
+    /// Writes one batch, asking `more` for the rest of a transaction it leaves open; returns
+    /// false to ask the reader to stop (its checkpoint changed the replica's phase).
+    private let write: @Sendable (ApplyBacklog.Batch, _ more: () async -> ApplyBacklog.Batch?) async throws -> Bool
 
-    init(maxBacklog: Int, write: @escaping @Sendable (ApplyBacklog.Batch) async throws -> Bool) {
+    init(
+        maxBacklog: Int,
+        write: @escaping @Sendable (ApplyBacklog.Batch, _ more: () async -> ApplyBacklog.Batch?) async throws -> Bool
+    ) {
         self.maxBacklog = max(1, maxBacklog)
         self.write = write
     }
@@ -616,16 +689,23 @@ final class ApplyPipeline: Sendable {
     /// reads it again from the replica's position).
     var mustStop: Bool { stopRequested.load(ordering: .acquiring) }
 
-    /// Queues `items`, whole transactions ending at `through`, and the checkpoint after them;
-    /// rethrows a failed batch's error. Past `maxBacklog` queued items, waits for the writer to
-    /// take its next batch.
-    func submit(_ items: [StreamItem], through: LSN?, checkpoint: Checkpoint?) async throws {
-        let full = try state.withLock { state throws -> Bool in
+    /// Queues `items`, whole transactions ending at `through` (or, with `continues`, a piece
+    /// ending inside one), and the checkpoint after them; rethrows a failed batch's error. Past
+    /// `maxBacklog` queued items, waits for the writer to take its next batch.
+    func submit(_ items: [StreamItem], through: LSN?, checkpoint: Checkpoint?, continues: Bool = false) async throws {
+        // The writer, inside a source transaction, may be waiting for exactly this.
+        let (full, handOver) = try state.withLock {
+            state throws -> (Bool, (CheckedContinuation<ApplyBacklog.Batch?, Never>, ApplyBacklog.Batch)?) in
             if let failure = state.failure { throw failure }
-            state.backlog.append(items, through: through, checkpoint: checkpoint)
+            state.backlog.append(items, through: through, checkpoint: checkpoint, continues: continues)
+            if let waiting = state.waitingForPiece, let batch = state.backlog.takeBatch() {
+                state.waitingForPiece = nil
+                return (false, (waiting, batch))
+            }
             if state.writer == nil { state.writer = Task { await self.writeAll() } }
-            return state.backlog.itemCount > maxBacklog
+            return (state.backlog.itemCount > maxBacklog, nil)
         }
+        if let (waiting, batch) = handOver { waiting.resume(returning: batch) }
         guard full else { return }
         await withCheckedContinuation { (waiting: CheckedContinuation<Void, Never>) in
             let room = state.withLock { state -> Bool in
@@ -637,14 +717,45 @@ final class ApplyPipeline: Sendable {
         }
     }
 
-    /// Waits until everything queued is written; rethrows a failed batch's error.
+    /// Waits until everything queued is written; rethrows a failed batch's error. A source
+    /// transaction still open is rolled back: its rest never came.
     func drain() async throws {
+        let waiting = state.withLock { state in
+            state.draining = true
+            defer { state.waitingForPiece = nil }
+            if state.waitingForPiece != nil { state.abandoned = true }
+            return state.waitingForPiece
+        }
+        waiting?.resume(returning: nil)
         while let writer = state.withLock({ $0.writer }) { await writer.value }
         if let failure = state.withLock({ state -> (any Error)? in
-            defer { state.failure = nil }
+            defer {
+                state.failure = nil
+                state.draining = false
+            }
             return state.failure
         }) {
             throw failure
+        }
+    }
+
+    /// The next batch of a transaction the writer holds open: waits for the reader to queue
+    /// it; `nil` once the reader drains without it.
+    private func more() async -> ApplyBacklog.Batch? {
+        await withCheckedContinuation { (continuation: CheckedContinuation<ApplyBacklog.Batch?, Never>) in
+            let (ready, batch, space) = state.withLock {
+                state -> (Bool, ApplyBacklog.Batch?, CheckedContinuation<Void, Never>?) in
+                let (batch, space) = state.take()
+                if batch != nil { return (true, batch, space) }
+                if state.draining {
+                    state.abandoned = true
+                    return (true, nil, space)
+                }
+                state.waitingForPiece = continuation
+                return (false, nil, space)
+            }
+            space?.resume()
+            if ready { continuation.resume(returning: batch) }
         }
     }
 
@@ -652,19 +763,21 @@ final class ApplyPipeline: Sendable {
     private func writeAll() async {
         while true {
             let (batch, waiting) = state.withLock { state -> (ApplyBacklog.Batch?, CheckedContinuation<Void, Never>?) in
-                defer { state.waitingForSpace = nil }
                 if state.failure != nil || mustStop { state.backlog.removeAll() }
-                let batch = state.backlog.takeBatch()
-                if batch == nil { state.writer = nil }
-                return (batch, state.waitingForSpace)
+                let taken = state.take()
+                if taken.0 == nil { state.writer = nil }
+                return taken
             }
             waiting?.resume()
             guard let batch else { return }
             do {
-                if try await !write(batch) { stopRequested.store(true, ordering: .releasing) }
+                if try await !write(batch, { await self.more() }) { stopRequested.store(true, ordering: .releasing) }
             } catch {
-                state.withLock { $0.failure = error }
+                state.withLock { state in
+                    if !state.abandoned { state.failure = error }
+                }
             }
+            state.withLock { $0.abandoned = false }
         }
     }
 }

@@ -45,6 +45,24 @@ public struct ChangeSequencer: Sendable {
     /// Number of changes in complete transactions waiting to be taken.
     public var readyCount: Int { complete.count }
 
+    /// Whether items of a transaction whose commit has not come yet were received.
+    public var isInsideTransaction: Bool { received > committed }
+
+    /// Like ``takeComplete()``, and also the items of the open transaction once at least
+    /// `minimumPiece` of them wait: a large transaction is then written as it comes, in pieces,
+    /// rather than held whole. `continues`: the items end inside that transaction, and the
+    /// next take goes on with it.
+    public mutating func takeReady(minimumPiece: Int) -> (items: [StreamItem], through: LSN, continues: Bool)? {
+        guard openTransaction.count >= max(1, minimumPiece) else {
+            return takeComplete().map { ($0.items, $0.through, false) }
+        }
+        var items = complete
+        items.append(contentsOf: openTransaction)
+        complete.removeAll(keepingCapacity: true)
+        openTransaction.removeAll(keepingCapacity: true)
+        return (items, received, true)
+    }
+
     /// Items of the complete transactions received since the last call, and the LSN they end at.
     public mutating func takeComplete() -> (items: [StreamItem], through: LSN)? {
         guard !complete.isEmpty else { return nil }
@@ -54,7 +72,7 @@ public struct ChangeSequencer: Sendable {
     }
 
     /// Forgets the items of an unfinished transaction, e.g. when the connection drops;
-    /// reading resumes after ``committed``.
+    /// reading resumes after ``committed``. Pieces of it already taken must be rolled back too.
     public mutating func discardOpenTransaction() {
         openTransaction.removeAll()
         received = committed

@@ -23,6 +23,11 @@ public protocol ReplicaStoring: Sendable {
     /// Applies the items of whole source transactions, ending at `through`, in one local
     /// transaction that also moves the position to `through`.
     func apply(_ items: [StreamItem], through: LSN) async throws
+    /// Applies a source transaction as it comes, in pieces: `items` through `through` (inside
+    /// the transaction), then each piece `next` gives, until one ends it; all in one local
+    /// transaction that moves the position once, at the end. When `next` throws, nothing of it
+    /// stays. `items` may begin with whole transactions, and the last piece may end with some.
+    func apply(_ items: [StreamItem], through: LSN, continuing next: () async throws -> StreamPiece) async throws
     /// Applies like ``apply(_:through:)``, then compares `checkpoint` (at `through`) with the
     /// digests as ``check(_:)`` does; a store may do both in one transaction.
     func apply(_ items: [StreamItem], through: LSN, checking checkpoint: Checkpoint) async throws
@@ -67,7 +72,42 @@ public protocol ReplicaStoring: Sendable {
     func restartBootstrap(at head: LSN, collections: [String]) async throws
 }
 
+/// Stream items that go on with a source transaction an earlier piece left open.
+public struct StreamPiece: Sendable {
+    public var items: [StreamItem]
+    /// The LSN the items end at.
+    public var through: LSN
+    /// Whether `through` ends a transaction: the last piece of it.
+    public var endsTransaction: Bool
+
+    public init(items: [StreamItem], through: LSN, endsTransaction: Bool) {
+        self.items = items
+        self.through = through
+        self.endsTransaction = endsTransaction
+    }
+}
+
 extension ReplicaStoring {
+    /// Gathers the pieces and applies them whole: for a store that cannot keep a local
+    /// transaction open while the rest comes.
+    public func apply(_ items: [StreamItem], through: LSN, continuing next: () async throws -> StreamPiece)
+        async throws
+    {
+        var items = items
+        var through = through
+        while true {
+            let piece = try await next()
+            if let first = piece.items.first, first.firstLSN != through + 1 {
+                throw ConcordError(
+                    .protocolViolation, "a piece starts at \(first.firstLSN), but the last one ended at \(through)")
+            }
+            items.append(contentsOf: piece.items)
+            through = piece.through
+            if piece.endsTransaction { break }
+        }
+        try await apply(items, through: through)
+    }
+
     public func apply(_ items: [StreamItem], through: LSN, checking checkpoint: Checkpoint) async throws
         -> CheckpointOutcome
     {

@@ -341,67 +341,130 @@ public final class PostgresReplicaStore: ReplicaStoring {
     // MARK: Applying changes
 
     public func apply(_ items: [StreamItem], through: LSN) async throws {
+        try await apply(items, through: through, next: nil)
+    }
+
+    /// Writes each piece as it comes, inside one transaction: PostgreSQL works on the first
+    /// pieces while the subscriber still reads the rest, and memory holds one piece, not the
+    /// whole source transaction.
+    public func apply(_ items: [StreamItem], through: LSN, continuing next: () async throws -> StreamPiece)
+        async throws
+    {
+        try await withoutActuallyEscaping(next) { next in try await apply(items, through: through, next: next) }
+    }
+
+    private func apply(_ items: [StreamItem], through: LSN, next: (() async throws -> StreamPiece)?) async throws {
+        // What `next` threw is the caller's own error (the stream broke), not the replica's.
+        var nextFailure: (any Error)?
+        do {
+            try await applyPieces(items, through: through) {
+                guard let next else { return nil }
+                do {
+                    return try await next()
+                } catch {
+                    nextFailure = error
+                    throw error
+                }
+            }
+        } catch {
+            throw nextFailure ?? error
+        }
+    }
+
+    private func applyPieces(_ items: [StreamItem], through: LSN, next: () async throws -> StreamPiece?) async throws {
         try await sketches.forgettingOnFailure {
             try await write("cannot apply changes") { db in
                 guard let state = try await readState(db) else {
                     throw ConcordError(.storage, "replica is not initialized")
                 }
                 try state.checkContinued(by: items)
-                let mode = state.progress.applyMode(position: state.position)
-                let filter = state.collections.map(Set.init)
-                var batches: [String: CollectionBatch] = [:]
-                var order: [String] = []
-                var applied = 0
-                for item in items {
-                    guard case .change(let change) = item else { continue }
-                    if let filter, !filter.contains(change.collection) { continue }
-                    if batches[change.collection] == nil {
-                        batches[change.collection] = CollectionBatch()
-                        order.append(change.collection)
+                var writer = ChangeWriter(
+                    mode: state.progress.applyMode(position: state.position),
+                    keepingTombstones: state.progress.phase == .bootstrapping,
+                    filter: state.collections.map(Set.init))
+                var piece = StreamPiece(items: items, through: through, endsTransaction: false)
+                var position = state.position
+                while true {
+                    if let first = piece.items.first, first.firstLSN != position + 1 {
+                        throw ConcordError(
+                            .protocolViolation,
+                            "a piece starts at \(first.firstLSN), but the last one ended at \(position)")
                     }
-                    batches[change.collection]!.add(change)
-                    applied += 1
+                    try await writeChanges(piece.items, with: &writer, in: db)
+                    position = piece.through
+                    guard !piece.endsTransaction, let following = try await next() else { break }
+                    piece = following
                 }
-                try await createTables(order, in: db)
-                var ledger = try await DigestLedger.load(
-                    configuration.tracksDigests ? order : [], from: table("concord_collections"), in: db)
-                if !configuration.tracksDigests, !order.isEmpty {
-                    try await invalidateDigests(order, in: db)
-                    sketches.invalidate()
-                }
-                for collection in order {
-                    let batch = batches[collection]!
-                    switch mode {
-                    case .ordered:
-                        if ledger.tracks(collection) {
-                            for change in batch.changes {
-                                ledger.record(collection, before: change.before, after: change.after ?? Element(change))
-                            }
-                        }
-                        try await writeOrdered(batch, into: collection, in: db)
-                    case .merge:
-                        let keys = batch.lastByKey.keys.map { $0 }
-                        let before =
-                            ledger.tracks(collection) ? try await elements(of: collection, keys: keys, in: db) : [:]
-                        try await writeMerged(
-                            batch, into: collection, keepingTombstones: state.progress.phase == .bootstrapping, in: db)
-                        if ledger.tracks(collection) {
-                            let after = try await elements(of: collection, keys: keys, in: db)
-                            for key in keys { ledger.record(collection, before: before[key], after: after[key]) }
-                        }
-                    }
-                }
-                try await ledger.save(to: table("concord_collections"), in: db)
+                try await writer.ledger.save(to: table("concord_collections"), in: db)
                 _ = try await db.rows(
                     """
-                    UPDATE \(unescaped: table("concord_state")) SET position = \(Int64(through)),
-                        applied_changes = applied_changes + \(Int64(applied)),
-                        source_head = GREATEST(source_head, \(Int64(through))), updated_at = now()
+                    UPDATE \(unescaped: table("concord_state")) SET position = \(Int64(position)),
+                        applied_changes = applied_changes + \(Int64(writer.applied)),
+                        source_head = GREATEST(source_head, \(Int64(position))), updated_at = now()
                     WHERE id = 1
                     """)
                 // Before the commit, under the replica's lock: a rebuild of the sketches sees
                 // these changes either in the rows it scans or in the queue after it, never both.
-                sketches.queue(ledger.elementChanges)
+                sketches.queue(writer.ledger.elementChanges)
+            }
+        }
+    }
+
+    /// What one apply transaction carries from piece to piece.
+    struct ChangeWriter {
+        let mode: ApplyMode
+        let keepingTombstones: Bool
+        let filter: Set<String>?
+        var ledger = DigestLedger()
+        /// Collections whose stored digest was read (tracked or not).
+        var loaded: Set<String> = []
+        var applied = 0
+    }
+
+    /// Writes `items` in the transaction open on `db`, one statement per collection and kind.
+    private func writeChanges(_ items: [StreamItem], with writer: inout ChangeWriter, in db: PostgresSource)
+        async throws
+    {
+        var batches: [String: CollectionBatch] = [:]
+        var order: [String] = []
+        for item in items {
+            guard case .change(let change) = item else { continue }
+            if let filter = writer.filter, !filter.contains(change.collection) { continue }
+            if batches[change.collection] == nil {
+                batches[change.collection] = CollectionBatch()
+                order.append(change.collection)
+            }
+            batches[change.collection]!.add(change)
+            writer.applied += 1
+        }
+        try await createTables(order, in: db)
+        let unread = order.filter { !writer.loaded.contains($0) }
+        writer.loaded.formUnion(unread)
+        try await writer.ledger.load(
+            configuration.tracksDigests ? unread : [], from: table("concord_collections"), in: db)
+        if !configuration.tracksDigests, !unread.isEmpty {
+            try await invalidateDigests(unread, in: db)
+            sketches.invalidate()
+        }
+        for collection in order {
+            let batch = batches[collection]!
+            switch writer.mode {
+            case .ordered:
+                if writer.ledger.tracks(collection) {
+                    for change in batch.changes {
+                        writer.ledger.record(collection, before: change.before, after: change.after ?? Element(change))
+                    }
+                }
+                try await writeOrdered(batch, into: collection, in: db)
+            case .merge:
+                let keys = batch.lastByKey.keys.map { $0 }
+                let tracked = writer.ledger.tracks(collection)
+                let before = tracked ? try await elements(of: collection, keys: keys, in: db) : [:]
+                try await writeMerged(batch, into: collection, keepingTombstones: writer.keepingTombstones, in: db)
+                if tracked {
+                    let after = try await elements(of: collection, keys: keys, in: db)
+                    for key in keys { writer.ledger.record(collection, before: before[key], after: after[key]) }
+                }
             }
         }
     }
@@ -788,7 +851,13 @@ extension DigestLedger {
     /// The stored digests of `collections` that are valid; the others are not tracked.
     static func load(_ collections: [String], from table: String, in db: PostgresSource) async throws -> DigestLedger {
         var ledger = DigestLedger()
-        guard !collections.isEmpty else { return ledger }
+        try await ledger.load(collections, from: table, in: db)
+        return ledger
+    }
+
+    /// Tracks the stored digests of `collections` that are valid and not tracked yet.
+    mutating func load(_ collections: [String], from table: String, in db: PostgresSource) async throws {
+        guard !collections.isEmpty else { return }
         var binds = PostgresBindings()
         binds.append(collections)
         for row in try await db.rows(
@@ -797,10 +866,9 @@ extension DigestLedger {
                 binds: binds))
         {
             let (name, count, sumHex) = try row.decode((String, Int64, String).self)
-            guard let digest = CollectionDigest(count: count, sumHex: sumHex) else { continue }
-            ledger.track(name, from: digest)
+            guard !tracks(name), let digest = CollectionDigest(count: count, sumHex: sumHex) else { continue }
+            track(name, from: digest)
         }
-        return ledger
     }
 
     func save(to table: String, in db: PostgresSource) async throws {

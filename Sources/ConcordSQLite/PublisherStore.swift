@@ -626,15 +626,21 @@ public final class PublisherStore: Sendable {
     }
 
     /// Stream items after `after`: at least one whole source transaction when any exists,
-    /// about `limit` changes, never ending inside a transaction.
+    /// about `limit` changes, never ending inside a transaction; with `wholeTransactions`
+    /// false, at most `limit` changes, ending wherever they do (a stream reader assembles
+    /// transactions itself, and gets a large one's first changes before the rest are read).
     ///
     /// With `collections`, changes of other collections come as `skip` items, so the
     /// reader can still check that the LSNs join.
-    public func items(after: LSN, limit: Int, collections: Set<String>? = nil) async throws -> [StreamItem] {
+    public func items(after: LSN, limit: Int, collections: Set<String>? = nil, wholeTransactions: Bool = true)
+        async throws -> [StreamItem]
+    {
         let limit = max(1, limit)
         let rows: [Change]
         do {
-            rows = try await pool.read { db in try Self.readLog(after: after, limit: limit, in: db) }
+            rows = try await pool.read { db in
+                try Self.readLog(after: after, limit: limit, wholeTransactions: wholeTransactions, in: db)
+            }
         } catch {
             throw ConcordError.storage(error, "cannot read the log")
         }
@@ -656,6 +662,10 @@ public final class PublisherStore: Sendable {
                 }
             }
         }
+        // Rows that end inside a transaction may end in changes of other collections.
+        if let start = skipStart, let last = rows.last {
+            items.append(.skip(from: start, through: last.lsn, isCommit: false))
+        }
         return items
     }
 
@@ -672,7 +682,7 @@ public final class PublisherStore: Sendable {
         }
     }
 
-    private static func readLog(after: LSN, limit: Int, in db: Database) throws -> [Change] {
+    private static func readLog(after: LSN, limit: Int, wholeTransactions: Bool, in db: Database) throws -> [Change] {
         let select = RawStatement(
             try db.cachedStatement(
                 sql: """
@@ -696,7 +706,7 @@ public final class PublisherStore: Sendable {
         var changes: [Change] = []
         changes.reserveCapacity(min(limit, 65536))
         try fetch(after: after, through: LSN(Int64.max), limit: limit, into: &changes)
-        if let last = changes.last, !last.isCommit {
+        if wholeTransactions, let last = changes.last, !last.isCommit {
             // Finish the transaction the limit cut.
             if let end = try Int64.fetchOne(
                 db, sql: "SELECT lsn FROM concord_log WHERE lsn > ? AND is_commit = 1 ORDER BY lsn LIMIT 1",

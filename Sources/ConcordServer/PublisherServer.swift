@@ -479,10 +479,16 @@ struct API: Sendable {
                 // A checkpoint at `after` itself is sent too: a subscriber that reached the head by
                 // pulling waits for one at its own position to be verified while the feed is idle.
                 var checkpointed = after == 0 ? 0 : after - 1
-                // Ends at a transaction boundary once the publisher begins to shut down.
-                while !Task.isCancelled, !store.headWatch.isClosed, stillAllowed() {
+                // Reads need not end at a transaction's end: a large transaction's first changes
+                // go out while the rest are read, and a read holds `streamBatch` changes, not the
+                // whole transaction. Ends at a transaction boundary once the publisher begins to
+                // shut down.
+                var insideTransaction = false
+                while !Task.isCancelled, insideTransaction || !store.headWatch.isClosed, stillAllowed() {
+                    // Shutting down, the read finishes the transaction and stops at its end.
                     let items = try await store.items(
-                        after: cursor, limit: configuration.streamBatch, collections: collections)
+                        after: cursor, limit: configuration.streamBatch, collections: collections,
+                        wholeTransactions: store.headWatch.isClosed)
                     if items.isEmpty {
                         // A time-based checkpoint may land on the last LSN sent after it went out.
                         if checkpointed < cursor,
@@ -528,6 +534,7 @@ struct API: Sendable {
                     }
                     api.served(subscriber, after: cursor, items: kept, bytes: bytes)
                     cursor = items.last!.lastLSN
+                    insideTransaction = !items.last!.isCommit
                 }
                 try await writer.finish(nil)
             })

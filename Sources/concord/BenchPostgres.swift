@@ -205,6 +205,16 @@ extension Bench {
                     "    CPU per row: %.1f µs in the publisher, %.1f µs in the subscriber, %.1f µs in the replica's PostgreSQL backends",
                 publisherUpdateCPU * 1e6 / Double(updates), followerUpdateCPU * 1e6 / Double(updates),
                 replicaServerUpdateCPU * 1e6 / Double(updates)))
+        // The largest transactions so far are this one and the copy's; neither side should hold
+        // one whole.
+        let publisherPeak = ProcessMemory.peakMegabytes(of: publisher.processIdentifier)
+        let followerPeak = ProcessMemory.peakMegabytes(of: follower.processIdentifier)
+        say(
+            String(
+                format: "    peak memory so far: %.0f MiB in the publisher, %.0f MiB in the subscriber",
+                publisherPeak, followerPeak))
+        results["postgres_concord_update_publisher_peak_mib"] = publisherPeak
+        results["postgres_concord_update_subscriber_peak_mib"] = followerPeak
 
         // The same backlog, committed while the publisher is paused (SIGSTOP), so its slot holds
         // it as PostgreSQL's disabled subscription's did.

@@ -67,6 +67,28 @@ import Testing
         backlog.removeAll()
         #expect(backlog.isEmpty && backlog.itemCount == 0 && backlog.takeBatch() == nil)
     }
+
+    @Test func piecesOfATransactionSayTheyContinueAndItsEndCarriesTheCheckpoint() {
+        var backlog = ApplyBacklog()
+        backlog.append(changes(1...3), through: 3, checkpoint: nil, continues: true)
+        // A checkpoint cannot stand inside a transaction: no replica stops there to judge it.
+        backlog.append([], through: nil, checkpoint: checkpoint(3))
+        backlog.append(changes(4...6), through: 6, checkpoint: nil, continues: true)
+        let open = backlog.takeBatch()
+        #expect(open?.items.map(\.lastLSN) == Array(1...6))
+        #expect(open?.through == 6 && open?.continues == true && open?.checkpoint == nil)
+        // The end of the transaction, with whole ones after it and their checkpoint.
+        backlog.append(changes(7...9), through: 9, checkpoint: checkpoint(9))
+        backlog.append(changes(10...11), through: 11, checkpoint: nil, continues: true)
+        let closing = backlog.takeBatch()
+        #expect(closing?.items.map(\.lastLSN) == Array(7...9))
+        #expect(closing?.continues == false && closing?.checkpoint == checkpoint(9))
+        // A batch that ends in the next open transaction continues, whatever it began with.
+        backlog.append(changes(12...12), through: 12, checkpoint: nil, continues: true)
+        let next = backlog.takeBatch()
+        #expect(next?.items.map(\.lastLSN) == [10, 11, 12] && next?.continues == true)
+        #expect(backlog.isEmpty && backlog.itemCount == 0)
+    }
 }
 
 @Suite struct ChangeSequencerTests {
@@ -111,6 +133,32 @@ import Testing
         #expect(sequencer.receive(.skip(from: 7, through: 8, isCommit: true)) == .gap(expected: 6, received: 7))
         #expect(sequencer.receive(.skip(from: 6, through: 8, isCommit: true)) == .accepted)
         #expect(sequencer.takeComplete()?.through == 8)
+    }
+
+    @Test func aLargeTransactionIsTakenInPiecesOnceEnoughOfItWaits() {
+        var sequencer = ChangeSequencer(after: 0)
+        _ = sequencer.receive(change(1))
+        _ = sequencer.receive(change(2, commit: false))
+        #expect(sequencer.isInsideTransaction)
+        // Fewer than a piece of the open transaction: only the whole one before it.
+        let whole = sequencer.takeReady(minimumPiece: 3)
+        #expect(whole?.items.map(\.lastLSN) == [1] && whole?.through == 1 && whole?.continues == false)
+        _ = sequencer.receive(change(3, commit: false))
+        _ = sequencer.receive(change(4, commit: false))
+        let piece = sequencer.takeReady(minimumPiece: 3)
+        #expect(piece?.items.map(\.lastLSN) == [2, 3, 4] && piece?.through == 4 && piece?.continues == true)
+        #expect(sequencer.takeReady(minimumPiece: 3) == nil)
+        // The commit ends it: the rest goes without `continues`, with the next whole transaction.
+        _ = sequencer.receive(change(5))
+        _ = sequencer.receive(change(6))
+        let rest = sequencer.takeReady(minimumPiece: 3)
+        #expect(rest?.items.map(\.lastLSN) == [5, 6] && rest?.through == 6 && rest?.continues == false)
+        #expect(!sequencer.isInsideTransaction && sequencer.committed == 6)
+        // Whole transactions and a piece of the next come out together, in order.
+        _ = sequencer.receive(change(7))
+        _ = sequencer.receive(change(8, commit: false))
+        let both = sequencer.takeReady(minimumPiece: 1)
+        #expect(both?.items.map(\.lastLSN) == [7, 8] && both?.through == 8 && both?.continues == true)
     }
 
     @Test func discardingAnOpenTransactionRewindsToTheLastCommit() {

@@ -174,6 +174,35 @@ func temporaryFile(_ name: String) -> String {
         #expect(try await store.items(after: 50, limit: 10).map(\.lastLSN) == [51])
     }
 
+    @Test func aStreamReadEndsWhereItsLimitDoesAndSkipsCoverTheCut() async throws {
+        let store = try PublisherStore(path: temporaryFile("p.sqlite"))
+        try await store.write((1...50).map { .upsert($0 % 10 == 0 ? "a" : "b", "\($0)", json: "\($0)") })
+        try await store.write([.upsert("a", "x", json: "0")])
+        // Read as a stream reads: 12 at a time, inside the transaction, each read joining the last.
+        var sequencer = ChangeSequencer(after: 0)
+        var cursor: LSN = 0
+        var reads = 0
+        while cursor < store.head {
+            let items = try await store.items(after: cursor, limit: 12, wholeTransactions: false)
+            #expect(items.count <= 12)
+            for item in items { #expect(sequencer.receive(item) == .accepted) }
+            cursor = items.last!.lastLSN
+            reads += 1
+        }
+        #expect(reads == 5 && sequencer.committed == 51)
+        // Filtered, a read that ends in other collections' changes covers them with a skip.
+        let filtered = try await store.items(after: 0, limit: 12, collections: ["a"], wholeTransactions: false)
+        #expect(filtered.last?.lastLSN == 12 && filtered.last?.isCommit == false)
+        var joined = ChangeSequencer(after: 0)
+        cursor = 0
+        while cursor < store.head {
+            let items = try await store.items(after: cursor, limit: 12, collections: ["a"], wholeTransactions: false)
+            for item in items { #expect(joined.receive(item) == .accepted) }
+            cursor = items.last!.lastLSN
+        }
+        #expect(joined.committed == 51)
+    }
+
     @Test func filteredPullsCoverOtherCollectionsWithSkips() async throws {
         let store = try PublisherStore(path: temporaryFile("p.sqlite"))
         try await store.write([.upsert("a", "1", json: "1"), .upsert("b", "1", json: "1")])
@@ -333,6 +362,36 @@ func temporaryFile(_ name: String) -> String {
         await #expect(throws: ConcordError.self) { try await store.apply([upsert(1, "b", "3")], through: 1) }
         #expect(try store.state()?.position == 1)
         #expect(try store.records(of: "c").map(\.key) == ["a"])
+    }
+
+    /// The SQLite store gathers the pieces of a large transaction and applies them whole.
+    @Test func piecesOfATransactionAreAppliedWholeOrNotAtAll() async throws {
+        let store = try ReplicaStore(path: temporaryFile("r.sqlite"))
+        _ = try await store.initialize(feedID: "f", source: "s", head: 0, collections: [], filter: nil)
+        _ = try await store.completeBootstrapIfReady()
+        try await store.apply([upsert(1, "a", "1")], through: 1)
+        var given = 0
+        try await store.apply([upsert(2, "b", "2", commit: false)], through: 2) { () async throws -> StreamPiece in
+            given += 1
+            #expect(try store.state()?.position == 1)
+            return given == 1
+                ? StreamPiece(items: [upsert(3, "c", "3", commit: false)], through: 3, endsTransaction: false)
+                : StreamPiece(items: [upsert(4, "a", "4")], through: 4, endsTransaction: true)
+        }
+        #expect(try store.state()?.position == 4)
+        #expect(try store.records(of: "c").map { "\($0.key)=\($0.value)" } == ["a=4", "b=2", "c=3"])
+        struct StreamBroke: Error {}
+        await #expect(throws: StreamBroke.self) {
+            try await store.apply([upsert(5, "d", "5", commit: false)], through: 5) { throw StreamBroke() }
+        }
+        // A piece that leaves a hole is refused.
+        await #expect(throws: ConcordError.self) {
+            try await store.apply([upsert(5, "d", "5", commit: false)], through: 5) {
+                StreamPiece(items: [upsert(7, "e", "7")], through: 7, endsTransaction: true)
+            }
+        }
+        #expect(try store.state()?.position == 4)
+        #expect(try store.records(of: "c").count == 3)
     }
 
     @Test func replicaTablesArePlainSQL() async throws {

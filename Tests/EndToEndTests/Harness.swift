@@ -98,7 +98,8 @@ final class ConcordProcess: @unchecked Sendable {
         _ arguments: [String], environment: [String: String] = [:], output: FileHandle? = nil, log: String? = nil
     ) throws {
         process.executableURL = URL(fileURLWithPath: Harness.binary)
-        process.arguments = arguments + ["--log-level", log == nil ? "error" : "info"]
+        process.arguments =
+            arguments.contains("--log-level") ? arguments : arguments + ["--log-level", log == nil ? "error" : "info"]
         process.standardOutput = output ?? FileHandle.nullDevice
         if let log {
             // Appended to, so a restarted process's lines follow the last ones.

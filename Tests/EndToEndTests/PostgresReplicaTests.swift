@@ -4,6 +4,7 @@ import ConcordPostgres
 import ConcordSQLite
 import ConcordServer
 import Foundation
+import NIOCore
 import Testing
 
 /// `concord follow --postgres`: replicas kept in a real PostgreSQL schema. Part of the capture
@@ -281,6 +282,266 @@ extension PostgresCaptureTests {
         expected["fresh"] = Record(key: "fresh", version: next + 3, value: #"{"new":true}"#)
         let stored = try await replica.records(of: collection)
         #expect(Dictionary(uniqueKeysWithValues: stored.map { ($0.key, $0) }) == expected)
+        await replica.close()
+    }
+
+    /// A source transaction applied in pieces, as a subscriber writes a large one: neither its
+    /// rows nor the position show before its last piece commits; when the rest never comes,
+    /// nothing of it stays; the digests follow every piece.
+    @Test func aTransactionAppliedInPiecesShowsWholeOrNotAtAll() async throws {
+        let url = try await PostgresHarness.database()
+        let collection = "items"
+        let replica = try await Self.bootstrappingReplica(url, schema: "pieces", head: 0, collections: [collection])
+        try await replica.apply(SnapshotPage(collection: collection, lsn: 0, records: [], hasMore: false))
+        #expect(try await replica.completeBootstrapIfReady())
+        // The source's records by collection, to give each change the element it replaces.
+        var sources: [String: [String: Record]] = [:]
+        var source: [String: Record] {
+            get { sources[collection] ?? [:] }
+            set { sources[collection] = newValue }
+        }
+        var lsn: LSN = 0
+        func change(_ key: String, _ value: String?, commit: Bool = false, in name: String = collection)
+            -> StreamItem
+        {
+            lsn += 1
+            let before = sources[name]?[key].map {
+                Element(collection: name, key: key, version: $0.version, value: $0.value)
+            }
+            sources[name, default: [:]][key] = value.map { Record(key: key, version: lsn, value: $0) }
+            return .change(
+                Change(
+                    lsn: lsn, collection: name, key: key, operation: value == nil ? .delete : .upsert,
+                    value: value, isCommit: commit, before: before))
+        }
+        func digests() -> [String: CollectionDigest] {
+            var digests: [String: CollectionDigest] = [:]
+            for (name, records) in sources {
+                for record in records.values {
+                    digests[name, default: .empty].add(
+                        Element(collection: name, key: record.key, version: record.version, value: record.value))
+                }
+            }
+            return digests
+        }
+        let first = (1...20).map { change("k\($0)", #"{"n":\#($0)}"#, commit: $0 == 20) }
+        try await replica.apply(first, through: lsn)
+        let watcher = try await SQLSession.connect(url)
+        func visible() async throws -> [[String?]] {
+            try await watcher.texts("SELECT key, version::text, value FROM pieces.items ORDER BY key")
+        }
+        let before = try await visible()
+        #expect(before.count == 20)
+
+        // Updates, deletes and new keys in four pieces; between pieces, another connection
+        // sees the rows and the position of before.
+        let start = lsn
+        var pieces: [[StreamItem]] = []
+        for round in 0..<4 {
+            var items: [StreamItem] = []
+            for n in 1...10 {
+                let key = "k\(round * 10 + n)"
+                items.append(change(key, n % 4 == 0 ? nil : #"{"round":\#(round),"n":\#(n)}"#))
+            }
+            // A collection the replica has no table for yet, first seen in the third piece.
+            if round >= 2 { items.append(change("o\(round)", #"{"other":\#(round)}"#, in: "others")) }
+            if round == 3 { items.append(change("last", "{}", commit: true)) }
+            pieces.append(items)
+        }
+        let ends = pieces.map { $0.last!.lastLSN }
+        var given = 1
+        try await replica.apply(pieces[0], through: ends[0]) { () async throws -> StreamPiece in
+            #expect(try await visible() == before, "rows of piece \(given) show before the end")
+            #expect(try await replica.state()?.position == start)
+            // Yet the pieces so far are written, in a transaction still open: not held back.
+            let writing = try await watcher.texts(
+                """
+                SELECT count(*)::text FROM pg_stat_activity
+                WHERE datname = current_database() AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+                """)
+            #expect(writing == [["1"]], "piece \(given - 1) is not written before the next comes")
+            defer { given += 1 }
+            return StreamPiece(items: pieces[given], through: ends[given], endsTransaction: given == 3)
+        }
+        #expect(given == 4)
+        let state = try #require(try await replica.state())
+        #expect(state.position == lsn && state.appliedChanges == 20 + 43)
+        let stored = try await replica.records(of: collection)
+        #expect(stored == source.values.sorted { $0.key < $1.key })
+        #expect(try await replica.records(of: "others").map(\.key) == ["o2", "o3"])
+        #expect(try await replica.check(Checkpoint(lsn: lsn, digests: digests())) == .verified)
+        #expect(try await replica.scrub().isEmpty)
+
+        // A transaction whose rest never comes (the stream broke): nothing of it stays.
+        let whole = source
+        let beforeBroken = try await visible()
+        let brokenStart = lsn
+        let broken = (1...5).map { change("k\($0)", #"{"broken":\#($0)}"#) }
+        struct StreamBroke: Error {}
+        await #expect(throws: StreamBroke.self) {
+            try await replica.apply(broken, through: brokenStart + 5) { throw StreamBroke() }
+        }
+        #expect(try await visible() == beforeBroken)
+        #expect(try await replica.state()?.position == brokenStart)
+        // A piece that does not continue the last one is refused, and rolled back too.
+        await #expect(throws: ConcordError.self) {
+            try await replica.apply(broken, through: brokenStart + 5) {
+                StreamPiece(
+                    items: [
+                        .change(
+                            Change(
+                                lsn: brokenStart + 9, collection: collection, key: "x", operation: .upsert, value: "{}",
+                                isCommit: true))
+                    ], through: brokenStart + 9, endsTransaction: true)
+            }
+        }
+        #expect(try await visible() == beforeBroken)
+        // The same transaction sent again, whole, applies on what stayed.
+        source = whole
+        lsn = brokenStart
+        let again = (1...5).map { change("k\($0)", #"{"again":\#($0)}"#, commit: $0 == 5) }
+        try await replica.apply(again, through: lsn)
+        #expect(try await replica.check(Checkpoint(lsn: lsn, digests: digests())) == .verified)
+        #expect(try await replica.scrub().isEmpty)
+        await watcher.close()
+        await replica.close()
+    }
+
+    /// A large source transaction reaches a PostgreSQL replica piece by piece. `concord follow`
+    /// killed with kill -9 while it writes the pieces leaves none of the transaction behind, and
+    /// the next one applies all of it.
+    @Test func aFollowerKilledInsideALargeTransactionLeavesNoneOfIt() async throws {
+        let folder = Harness.folder()
+        let publisher = try VerificationTests.sourceStore(folder)
+        try await VerificationTests.fill(publisher, records: 2_000)
+        let replicaURL = try await PostgresHarness.database()
+        try await PublisherServer.withRunningServer(store: publisher, configuration: .testing, logger: Harness.logger) {
+            source in
+            let log = folder.appendingPathComponent("follow.log")
+            var follower = try Self.followIntoPostgres(
+                source: source, url: replicaURL, folder: folder, extra: ["--log-level", "debug"])
+            let replica = try await PostgresReplicaStore.open(
+                url: replicaURL, configuration: .init(schema: "replica"), logger: Harness.logger)
+            try await Harness.waitUntil("the replica follows at the head", timeout: .seconds(60)) {
+                let state = try await replica.state()
+                return state?.position == publisher.head && state?.progress.phase == .following
+            }
+            // 60,000 changes in one transaction: every held key updated, the rest new.
+            let start = publisher.head
+            let end = try await publisher.write(
+                (0..<60_000).map {
+                    .upsert("items", "k\($0)", json: "{\"v\":\($0),\"large\":\"\(String(repeating: "y", count: 60))\"}")
+                })
+            try await Harness.waitUntil("the follower writes the transaction's first pieces", timeout: .seconds(60)) {
+                let text = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+                return text.contains("a large source transaction is written as it comes")
+            }
+            // Killed once the replica's transaction has been writing a while (or, were pieces
+            // committed one by one, once the position moved).
+            let session = try await SQLSession.connect(replicaURL)
+            try await Harness.waitUntil("the replica's transaction is under way", timeout: .seconds(60)) {
+                let writing = try await session.texts(
+                    """
+                    SELECT count(*)::text FROM pg_stat_activity WHERE datname = current_database()
+                        AND backend_xid IS NOT NULL AND now() - xact_start > interval '200 milliseconds'
+                    """)
+                let position = try await replica.state()?.position
+                return writing != [["0"]] || position != start
+            }
+            follower.kill9()
+            let newer = try await session.texts("SELECT count(*)::text FROM replica.items WHERE version > \(start)")
+            await session.close()
+            #expect(try await replica.state()?.position == start, "killed inside the transaction")
+            #expect(newer == [["0"]], "rows of a transaction not committed show")
+            follower = try Self.followIntoPostgres(source: source, url: replicaURL, folder: folder)
+            try await Harness.waitUntil("the replica is verified past the transaction", timeout: .seconds(120)) {
+                let state = try await replica.state()
+                return state?.position == publisher.head && state?.verifiedLSN == publisher.head
+            }
+            #expect(publisher.head >= end)
+            let differences = try await Harness.differences(source: publisher, replica: replica)
+            #expect(differences.isEmpty, "\(differences.prefix(5))")
+            #expect(follower.terminate() == 0)
+            await replica.close()
+        }
+    }
+
+    @Test func largeTransactionsCutAcrossStreamReadsAndLostLinesReachAPostgresReplicaWhole() async throws {
+        let url = try await PostgresHarness.database()
+        let replica = try await PostgresReplicaStore.open(
+            url: url, configuration: .init(schema: "lossy"), logger: Harness.logger)
+        // Another session locks the replica's table for a moment, as a long report would.
+        try await ReplicationTests.followLargeTransactionsThroughLosses(into: replica, folder: Harness.folder()) {
+            let session = try await SQLSession.connect(url)
+            try await Harness.waitUntil("the replica's table exists", timeout: .seconds(30)) {
+                try await session.texts("SELECT to_regclass('lossy.items') IS NOT NULL")
+                    == [["true"]]
+            }
+            try await session.run("BEGIN")
+            try await session.run("LOCK TABLE lossy.items IN ACCESS EXCLUSIVE MODE")
+            try await session.run("SELECT pg_sleep(0.3)")
+            try await session.run("COMMIT")
+            await session.close()
+        }
+        await replica.close()
+    }
+
+    /// The replica's table is locked by another session while a large transaction comes in
+    /// pieces: the writer waits inside the open transaction, the reader waits behind it, and
+    /// the transaction's end and hundreds of heartbeats pile up on the wire. Once the lock goes,
+    /// the replica gets all of it.
+    @Test func aReplicaStalledInsideALargeTransactionCatchesUp() async throws {
+        let folder = Harness.folder()
+        var storeConfiguration = PublisherStore.Configuration()
+        // No checkpoint line follows the commit to hand its end over first.
+        storeConfiguration.checkpoints.everyChanges = 0
+        storeConfiguration.checkpoints.interval = .seconds(3600)
+        let source = try PublisherStore(
+            path: folder.appendingPathComponent("source.sqlite").path, configuration: storeConfiguration)
+        try await source.write((0..<300).map { .upsert("c", "\($0)", json: "{\"n\":\($0)}") })
+        let url = try await PostgresHarness.database()
+        let replica = try await PostgresReplicaStore.open(
+            url: url, configuration: .init(schema: "stalled"), logger: Harness.logger)
+        var configuration = PublisherServer.Configuration.testing
+        configuration.heartbeatInterval = .milliseconds(1)
+        try await PublisherServer.withRunningServer(store: source, configuration: configuration, logger: Harness.logger)
+        { publisher in
+            let http = SourceClient.makeHTTPClient()
+            defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
+            var subscription = Subscriber.Configuration(source: publisher)
+            subscription.transactionPiece = 10
+            subscription.pullLimit = 20
+            let subscriber = Subscriber(configuration: subscription, store: replica, http: http, logger: Harness.logger)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await subscriber.run() }
+                try await Harness.waitUntil("the replica follows at the head", timeout: .seconds(30)) {
+                    let state = try await replica.state()
+                    return state?.position == source.head && state?.progress.phase == .following
+                }
+                let lock = try await SQLSession.connect(url)
+                try await lock.run("BEGIN")
+                try await lock.run("LOCK TABLE stalled.c IN ACCESS EXCLUSIVE MODE")
+                try await source.write((0..<20_000).map { .upsert("c", "\($0)", json: "{\"n\":-\($0)}") })
+                // Heartbeats pile up behind the transaction's end while the writer waits. (This
+                // publisher sends each heartbeat in an HTTP chunk of its own; were a proxy to join
+                // one to the end of the transaction, the reader hands the end over first.)
+                try await Task.sleep(for: .milliseconds(500))
+                let waiting = try await lock.texts(
+                    """
+                    SELECT count(*)::text FROM pg_stat_activity
+                    WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    """)
+                #expect(waiting == [["1"]], "the replica's writer waits for the lock")
+                try await lock.run("COMMIT")
+                await lock.close()
+                try await Harness.waitUntil("the replica reaches the head", timeout: .seconds(30)) {
+                    try await replica.state()?.position == source.head
+                }
+                group.cancelAll()
+            }
+            #expect(try await Harness.differences(source: source, replica: replica) == [])
+            #expect(subscriber.transactionsWrittenInPieces >= 1)
+        }
         await replica.close()
     }
 

@@ -71,6 +71,70 @@ struct ReplicationTests {
         }
     }
 
+    @Test func largeTransactionsCutAcrossStreamReadsAndLostLinesReachASQLiteReplicaWhole() async throws {
+        let folder = Harness.folder()
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        try await Self.followLargeTransactionsThroughLosses(into: replica, folder: folder)
+    }
+
+    /// Transactions of up to 300 changes, read by the publisher 7 changes at a time and written
+    /// by the subscriber in pieces of 10, while every 401st line of a stream is lost and
+    /// heartbeats follow the ends of transactions within a millisecond (a writer that holds a
+    /// transaction open must get its end before the reader notes the head): the replica ends
+    /// equal to the source and verified at its head.
+    ///
+    /// `stall`, when given, holds the replica's writes up for a moment while the large
+    /// transactions come, so that lines pile up behind the reader.
+    static func followLargeTransactionsThroughLosses(
+        into replica: any ReplicaStoring, folder: URL, stall: (@Sendable () async throws -> Void)? = nil
+    ) async throws {
+        // Checkpoints by time only: a checkpoint line after a commit would hand the writer the
+        // transaction's end before any heartbeat could come.
+        var storeConfiguration = PublisherStore.Configuration()
+        storeConfiguration.checkpoints.everyChanges = 0
+        storeConfiguration.checkpoints.interval = .milliseconds(300)
+        let source = try PublisherStore(
+            path: folder.appendingPathComponent("source.sqlite").path, configuration: storeConfiguration)
+        var configuration = PublisherServer.Configuration.testing
+        configuration.streamBatch = 7
+        configuration.dropEveryNthStreamItem = 401
+        configuration.heartbeatInterval = .milliseconds(1)
+        try await PublisherServer.withRunningServer(store: source, configuration: configuration, logger: Harness.logger)
+        { url in
+            let http = SourceClient.makeHTTPClient()
+            defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
+            var subscription = Subscriber.Configuration(source: url)
+            subscription.transactionPiece = 10
+            // A small queue: the reader waits while pieces are written, and lines pile up behind it.
+            subscription.pullLimit = 20
+            subscription.backoffInitial = .milliseconds(20)
+            subscription.backoffMaximum = .milliseconds(300)
+            let subscriber = Subscriber(configuration: subscription, store: replica, http: http, logger: Harness.logger)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await subscriber.run() }
+                var workload = RandomWorkload(keySpace: 500)
+                for round in 0..<60 {
+                    var operations: [WriteOperation] = []
+                    // Every third transaction is large: several reads, several pieces.
+                    let parts = round % 3 == 0 ? 60 : 1
+                    for _ in 0..<parts { operations += workload.transaction() }
+                    try await source.write(operations)
+                    if let stall, round % 15 == 6 { group.addTask { try await stall() } }
+                    try await Task.sleep(for: .milliseconds(5))
+                }
+                let head = source.head
+                try await Harness.waitUntil("the replica is verified at the head", timeout: .seconds(60)) {
+                    let state = try await replica.state()
+                    return state?.position == head && state?.verifiedLSN == head
+                }
+                group.cancelAll()
+            }
+            #expect(try await Harness.differences(source: source, replica: replica) == [])
+            #expect(subscriber.refills.holes > 0, "lines were lost and refilled")
+            #expect(subscriber.transactionsWrittenInPieces > 0, "transactions were written in pieces")
+        }
+    }
+
     @Test func aReplicaFollowsOnlyTheCollectionsItAsksFor() async throws {
         let folder = Harness.folder()
         let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
