@@ -77,13 +77,20 @@ enum Harness {
         return found
     }
 
+    /// A subscriber that retries quickly; with `piece`, one that writes transactions in pieces
+    /// of that many changes and queues at most two pieces.
     static func makeSubscriber(
-        source: String, store: ReplicaStore, http: HTTPClient, collections: [String]? = nil, pageSize: Int = 500
+        source: String, store: any ReplicaStoring, http: HTTPClient, collections: [String]? = nil,
+        pageSize: Int = 500, piece: Int? = nil
     )
         -> Subscriber
     {
         var configuration = Subscriber.Configuration(source: source, collections: collections)
         configuration.pageSize = pageSize
+        if let piece {
+            configuration.transactionPiece = piece
+            configuration.pullLimit = 2 * piece
+        }
         configuration.backoffInitial = .milliseconds(20)
         configuration.backoffMaximum = .milliseconds(300)
         return Subscriber(configuration: configuration, store: store, http: http, logger: logger)

@@ -508,10 +508,7 @@ extension PostgresCaptureTests {
         { publisher in
             let http = SourceClient.makeHTTPClient()
             defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
-            var subscription = Subscriber.Configuration(source: publisher)
-            subscription.transactionPiece = 10
-            subscription.pullLimit = 20
-            let subscriber = Subscriber(configuration: subscription, store: replica, http: http, logger: Harness.logger)
+            let subscriber = Harness.makeSubscriber(source: publisher, store: replica, http: http, piece: 10)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await subscriber.run() }
                 try await Harness.waitUntil("the replica follows at the head", timeout: .seconds(30)) {

@@ -103,13 +103,8 @@ struct ReplicationTests {
         { url in
             let http = SourceClient.makeHTTPClient()
             defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
-            var subscription = Subscriber.Configuration(source: url)
-            subscription.transactionPiece = 10
             // A small queue: the reader waits while pieces are written, and lines pile up behind it.
-            subscription.pullLimit = 20
-            subscription.backoffInitial = .milliseconds(20)
-            subscription.backoffMaximum = .milliseconds(300)
-            let subscriber = Subscriber(configuration: subscription, store: replica, http: http, logger: Harness.logger)
+            let subscriber = Harness.makeSubscriber(source: url, store: replica, http: http, piece: 10)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await subscriber.run() }
                 var workload = RandomWorkload(keySpace: 500)
@@ -132,6 +127,43 @@ struct ReplicationTests {
             #expect(try await Harness.differences(source: source, replica: replica) == [])
             #expect(subscriber.refills.holes > 0, "lines were lost and refilled")
             #expect(subscriber.transactionsWrittenInPieces > 0, "transactions were written in pieces")
+        }
+    }
+
+    /// A stream reads 7 changes at a time, and a subscriber of one collection passes
+    /// transactions made mostly of another: reads that hold none of its changes still move on.
+    @Test func aFilteredStreamPassesLargeTransactionsOfOtherCollections() async throws {
+        let folder = Harness.folder()
+        let source = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
+        try await source.write([.upsert("customers", "c0", json: "0")])
+        var configuration = PublisherServer.Configuration.testing
+        configuration.streamBatch = 7
+        try await PublisherServer.withRunningServer(store: source, configuration: configuration, logger: Harness.logger)
+        { url in
+            let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+            let http = SourceClient.makeHTTPClient()
+            defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
+            let subscriber = Harness.makeSubscriber(
+                source: url, store: replica, http: http, collections: ["customers"], piece: 5)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await subscriber.run() }
+                try await Harness.waitUntil("the replica follows") {
+                    try replica.state()?.progress.phase == .following
+                }
+                for n in 1...5 {
+                    try await source.write(
+                        (0..<50).map { .upsert("orders", "o\(n)-\($0)", json: "\($0)") }
+                            + [.upsert("customers", "c\(n)", json: "\(n)")]
+                            + (0..<30).map { .upsert("orders", "p\(n)-\($0)", json: "\($0)") })
+                }
+                let head = source.head
+                try await Harness.waitUntil("the replica reaches the head", timeout: .seconds(30)) {
+                    try replica.state()?.position == head
+                }
+                group.cancelAll()
+            }
+            #expect(try await Harness.differences(source: source, replica: replica, collections: ["customers"]) == [])
+            #expect(try replica.records(of: "customers").count == 6)
         }
     }
 
