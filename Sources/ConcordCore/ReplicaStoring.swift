@@ -85,6 +85,14 @@ public struct StreamPiece: Sendable {
         self.through = through
         self.endsTransaction = endsTransaction
     }
+
+    /// Throws unless the items start right after `position`, where the last piece ended.
+    public func checkContinues(after position: LSN) throws(ConcordError) {
+        if let first = items.first, first.firstLSN != position + 1 {
+            throw ConcordError(
+                .protocolViolation, "a piece starts at \(first.firstLSN), but the last one ended at \(position)")
+        }
+    }
 }
 
 extension ReplicaStoring {
@@ -97,10 +105,7 @@ extension ReplicaStoring {
         var through = through
         while true {
             let piece = try await next()
-            if let first = piece.items.first, first.firstLSN != through + 1 {
-                throw ConcordError(
-                    .protocolViolation, "a piece starts at \(first.firstLSN), but the last one ended at \(through)")
-            }
+            try piece.checkContinues(after: through)
             items.append(contentsOf: piece.items)
             through = piece.through
             if piece.endsTransaction { break }

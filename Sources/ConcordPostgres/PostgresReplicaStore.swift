@@ -385,11 +385,7 @@ public final class PostgresReplicaStore: ReplicaStoring {
                 var piece = StreamPiece(items: items, through: through, endsTransaction: false)
                 var position = state.position
                 while true {
-                    if let first = piece.items.first, first.firstLSN != position + 1 {
-                        throw ConcordError(
-                            .protocolViolation,
-                            "a piece starts at \(first.firstLSN), but the last one ended at \(position)")
-                    }
+                    try piece.checkContinues(after: position)
                     try await writeChanges(piece.items, with: &writer, in: db)
                     position = piece.through
                     guard !piece.endsTransaction, let following = try await next() else { break }
