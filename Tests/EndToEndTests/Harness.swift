@@ -23,6 +23,17 @@ enum Harness {
         return folder
     }
 
+    /// A publisher file in `folder` whose checkpoints come by time only, every `interval`: no
+    /// checkpoint line follows a commit for the number of changes it held, so a subscriber
+    /// gets a transaction's end without one.
+    static func publisherCheckpointedByTime(in folder: URL, every interval: Duration) throws -> PublisherStore {
+        var configuration = PublisherStore.Configuration()
+        configuration.checkpoints.everyChanges = 0
+        configuration.checkpoints.interval = interval
+        return try PublisherStore(
+            path: folder.appendingPathComponent("source.sqlite").path, configuration: configuration)
+    }
+
     /// The `concord` executable built with the tests (`CONCORD_BIN` overrides).
     static var binary: String {
         if let path = ProcessInfo.processInfo.environment["CONCORD_BIN"] { return path }

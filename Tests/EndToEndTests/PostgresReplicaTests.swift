@@ -492,12 +492,8 @@ extension PostgresCaptureTests {
     /// the replica gets all of it.
     @Test func aReplicaStalledInsideALargeTransactionCatchesUp() async throws {
         let folder = Harness.folder()
-        var storeConfiguration = PublisherStore.Configuration()
         // No checkpoint line follows the commit to hand its end over first.
-        storeConfiguration.checkpoints.everyChanges = 0
-        storeConfiguration.checkpoints.interval = .seconds(3600)
-        let source = try PublisherStore(
-            path: folder.appendingPathComponent("source.sqlite").path, configuration: storeConfiguration)
+        let source = try Harness.publisherCheckpointedByTime(in: folder, every: .seconds(3600))
         try await source.write((0..<300).map { .upsert("c", "\($0)", json: "{\"n\":\($0)}") })
         let url = try await PostgresHarness.database()
         let replica = try await PostgresReplicaStore.open(

@@ -90,11 +90,7 @@ struct ReplicationTests {
     ) async throws {
         // Checkpoints by time only: a checkpoint line after a commit would hand the writer the
         // transaction's end before any heartbeat could come.
-        var storeConfiguration = PublisherStore.Configuration()
-        storeConfiguration.checkpoints.everyChanges = 0
-        storeConfiguration.checkpoints.interval = .milliseconds(300)
-        let source = try PublisherStore(
-            path: folder.appendingPathComponent("source.sqlite").path, configuration: storeConfiguration)
+        let source = try Harness.publisherCheckpointedByTime(in: folder, every: .milliseconds(300))
         var configuration = PublisherServer.Configuration.testing
         configuration.streamBatch = 7
         configuration.dropEveryNthStreamItem = 401
