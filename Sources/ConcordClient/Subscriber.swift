@@ -563,6 +563,15 @@ public final class Subscriber: Service, Sendable {
             }
             return true
         }
+        /// Writes what came before a hole, then pulls until `target`; the stream starts again.
+        func refill(until target: LSN) async throws {
+            _ = try await submit()
+            try await pipeline.drain()
+            let before = client.received.value
+            try await pull(until: target)
+            let bytes = client.received.value - before
+            refillCounts.withLock { $0 = ($0.holes + 1, $0.bytes + bytes) }
+        }
         do {
             for try await chunk in response.body {
                 client.received.add(chunk.readableBytes)
@@ -571,6 +580,16 @@ public final class Subscriber: Service, Sendable {
                     // Hashed here, while the previous batch is written.
                     switch try WireFormat.parseStreamLine(lines.buffer, range: line, hashingAfter: hashesAhead) {
                     case .heartbeat(let head):
+                        // A heartbeat goes out only once everything up to the head has: what did
+                        // not come was lost on the wire with no later line to show the hole (the
+                        // end of the last transaction written, say).
+                        if sequencer.received < head {
+                            logger.warning(
+                                "stream short of the head, refilling by pull",
+                                metadata: ["received": "\(sequencer.received)", "head": "\(head)"])
+                            try await refill(until: head)
+                            return
+                        }
                         // The pipeline's writer may hold the replica's write connection open
                         // for the rest of a transaction written in pieces. Handed everything
                         // received, it finishes on its own, unless the transaction's end has not
@@ -591,12 +610,7 @@ public final class Subscriber: Service, Sendable {
                             logger.warning(
                                 "gap in stream, refilling by pull",
                                 metadata: ["expected": "\(expected)", "received": "\(received)"])
-                            _ = try await submit()
-                            try await pipeline.drain()
-                            let before = client.received.value
-                            try await pull(until: received)
-                            let bytes = client.received.value - before
-                            refillCounts.withLock { $0 = ($0.holes + 1, $0.bytes + bytes) }
+                            try await refill(until: received)
                             return
                         }
                     }

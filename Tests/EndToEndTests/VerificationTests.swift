@@ -177,6 +177,31 @@ struct VerificationTests {
         #expect(try await Harness.differences(source: source, replica: replica).isEmpty)
     }
 
+    /// The last change of the last transaction written is lost on the wire: no later line shows
+    /// the hole, but the heartbeat's head does, and the replica refills it by a pull.
+    @Test func theEndOfTheLastTransactionLostOnTheWireIsRefilled() async throws {
+        let folder = Harness.folder()
+        let source = try Self.sourceStore(folder)
+        try await source.write([.upsert("items", "first", json: "0")])
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        var configuration = PublisherServer.Configuration.testing
+        configuration.dropEveryNthStreamItem = 4
+        try await PublisherServer.withRunningServer(store: source, configuration: configuration, logger: Harness.logger)
+        { url in
+            try await Self.withSubscriber(url: url, replica: replica) {
+                // Following the stream from the head: the next stream item sent is the first of
+                // the transaction below, so its fourth and last is the one dropped.
+                try await Self.waitVerified(replica, source: source)
+                try await source.write([
+                    .upsert("items", "a", json: "1"), .upsert("items", "b", json: "2"),
+                    .delete("items", "first"), .upsert("items", "c", json: "3"),
+                ])
+                try await Self.waitVerified(replica, source: source)
+            }
+        }
+        #expect(try await Harness.differences(source: source, replica: replica).isEmpty)
+    }
+
     @Test func aReplicaStoppedPastRetentionRecoversByMovingOnlyWhatChanged() async throws {
         let folder = Harness.folder()
         let source = try Self.sourceStore(folder, retainChanges: 100)
