@@ -590,33 +590,56 @@ public final class PostgresCapture: Service, Sendable {
         var taken: TransactionPieces?
         defer { taken?.abort(ConcordError(.unavailable, "the log's writer stopped")) }
         defer { queue.abandonPieces() }
-        while true {
-            try Task.checkCancellation()
-            let batch = queue.takeAll()
-            taken = batch.pieces
-            if let commit = batch.lastCommit {
-                try await store.write(
-                    transactions: batch.transactions, marker: (Marker.lsn, PostgresDecoding.lsnText(commit)))
-                queue.markDurable(through: batch.lastNumber)
-                durable = commit
-                // The reader may have waited on this write, not on the server.
-                queue.heard()
+        do {
+            while true {
+                try Task.checkCancellation()
+                let batch = queue.takeAll()
+                taken = batch.pieces
+                if let commit = batch.lastCommit {
+                    try await store.write(
+                        transactions: batch.transactions, marker: (Marker.lsn, PostgresDecoding.lsnText(commit)))
+                    queue.markDurable(through: batch.lastNumber)
+                    durable = commit
+                    // The reader may have waited on this write, not on the server.
+                    queue.heard()
+                }
+                if let pieces = batch.pieces {
+                    logger.info("a large source transaction goes into the log in pieces while it is read")
+                    try await write(pieces, to: store, answering: queue, on: stream, durable: durable)
+                    queue.markDurable(through: batch.piecesNumber)
+                    durable = PostgresDecoding.lsn(try store.marker(Marker.lsn) ?? "") ?? durable
+                    queue.heard()
+                }
+                try await status.send(
+                    when: batch.lastCommit != nil || batch.pieces != nil || batch.replyRequested, durable: durable,
+                    on: stream)
+                if ContinuousClock.now - queue.lastHeard > .seconds(60) {
+                    throw ConcordError(.unavailable, "PostgreSQL sent nothing on the replication connection for 60 s")
+                }
+                if batch.lastCommit == nil && batch.pieces == nil { try await Task.sleep(for: idle) }
             }
-            if let pieces = batch.pieces {
-                logger.info("a large source transaction goes into the log in pieces while it is read")
-                try await write(pieces, to: store, answering: queue, on: stream, durable: durable)
-                queue.markDurable(through: batch.piecesNumber)
-                durable = PostgresDecoding.lsn(try store.marker(Marker.lsn) ?? "") ?? durable
-                queue.heard()
-            }
-            try await status.send(
-                when: batch.lastCommit != nil || batch.pieces != nil || batch.replyRequested, durable: durable,
-                on: stream)
-            if ContinuousClock.now - queue.lastHeard > .seconds(60) {
-                throw ConcordError(.unavailable, "PostgreSQL sent nothing on the replication connection for 60 s")
-            }
-            if batch.lastCommit == nil && batch.pieces == nil { try await Task.sleep(for: idle) }
+        } catch {
+            await confirmOnLeaving(store: store, durable: durable, on: stream)
+            throw error
         }
+    }
+
+    /// A stop right after a write would leave the slot behind the log, and the server would
+    /// decode and send those transactions again at the next start: the position the log holds
+    /// goes out on the way (within a second, and only if the connection still takes it).
+    static func confirmOnLeaving(store: PublisherStore, durable: UInt64, on stream: ReplicationConnection.Stream)
+        async
+    {
+        // The marker commits with the changes: it may be past what the loop had confirmed.
+        let logged = (try? store.marker(Marker.lsn)).flatMap { $0.flatMap(PostgresDecoding.lsn) } ?? durable
+        // A task of its own: the writer's is cancelled, and a cancelled task cannot write.
+        let confirming = Task { try await stream.confirm(flushed: max(logged, durable)) }
+        let deadline = Task {
+            try await Task.sleep(for: .seconds(1))
+            confirming.cancel()
+        }
+        _ = try? await confirming.value
+        deadline.cancel()
     }
 
     /// Writes a transaction handed over in pieces, however long the reading takes, answering

@@ -424,6 +424,56 @@ import Testing
         #expect(second.terminate() == 0)
     }
 
+    /// A publisher stopped the moment its log holds a transaction still tells the slot so on its
+    /// way out: started again, it is not sent the transaction again. A large transaction goes in
+    /// pieces, a small one whole; each is followed by a stop as soon as the file shows it.
+    @Test func aPublisherStoppedRightAfterAWriteLeavesItsSlotConfirmed() async throws {
+        let (url, sql) = try await Self.database()
+        try await Self.fillInitialRows(sql)
+        let folder = Harness.folder()
+        let publisherDB = folder.appendingPathComponent("source.sqlite").path
+        let log = folder.appendingPathComponent("serve.log")
+        let pieceOptions = ["--transaction-piece", "100"]
+        for (round, rows) in [50000, 1, 50000].enumerated() {
+            let (publisher, _) = try await Self.serve(folder, url: url, extra: pieceOptions)
+            try await Harness.waitUntil("the publisher streams", timeout: .seconds(60)) {
+                let text = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+                return text.components(separatedBy: "capturing changes").count > round + 1
+            }
+            let before = try Self.capture(of: publisherDB).head
+            let first = 100_000 * (round + 1)
+            try await sql.run(
+                "INSERT INTO customers (id, name) SELECT g, 'stop ' || g FROM generate_series(\(first), \(first + rows - 1)) g"
+            )
+            // Watched in the file, a few milliseconds apart, so the stop follows the write closely.
+            let deadline = ContinuousClock.now + .seconds(60)
+            while (try? Self.capture(of: publisherDB))?.head ?? 0 < before + LSN(rows) {
+                guard ContinuousClock.now < deadline else { throw ConcordError(.timeout, "the rows are not logged") }
+                try await Task.sleep(for: .milliseconds(2))
+            }
+            #expect(publisher.terminate() == 0)
+            let logged = try await Self.publisherFile(publisherDB).read { db in
+                try String.fetchOne(db, sql: "SELECT value FROM concord_markers WHERE name = 'postgres.lsn'")
+            }
+            let position = try #require(logged.flatMap(PostgresDecoding.lsn))
+            let confirmed = try await Self.confirmedLSN(url: url)
+            #expect(
+                confirmed >= position,
+                "round \(round): the slot is confirmed to \(PostgresDecoding.lsnText(confirmed)), the log holds \(PostgresDecoding.lsnText(position))"
+            )
+        }
+        let sentAgain = try String(contentsOf: log, encoding: .utf8).contains("the log holds already is sent again")
+        #expect(!sentAgain, "no transaction the log holds was sent again")
+        let (last, port) = try await Self.serve(folder, url: url)
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
+            try await Self.waitForSentinel(replica, url: url, log: log)
+        }
+        try await Self.expectEqualToTables(replica, sql: sql)
+        #expect(last.terminate() == 0)
+        await sql.close()
+    }
+
     /// The slot dropped while the publisher was down: the copy made again writes exactly the
     /// rows that changed or vanished meanwhile, and leaves the equal ones alone.
     @Test func aCopyMadeAgainWritesOnlyTheRowsThatChanged() async throws {
