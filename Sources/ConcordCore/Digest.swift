@@ -23,7 +23,7 @@ public struct Element: Sendable, Hashable, Comparable, CustomStringConvertible {
     }
 
     /// `keyHash`, when given, must be `keyHash64` of `collection` and `key`: it saves one SHA-256.
-    init(collection: String, key: String, version: LSN, value: String, keyHash: UInt64?) {
+    package init(collection: String, key: String, version: LSN, value: String, keyHash: UInt64?) {
         var collection = collection
         var key = key
         var value = value

@@ -726,6 +726,7 @@ struct TransactionBuilder: Sendable {
     /// The last transaction handed over in pieces, which answers for the records it wrote.
     var pieces: TransactionPieces?
     private var writtenCount = 0
+    private var lastTable: (schema: String, name: String, table: PostgresCapture.Table?)?
     /// Forgetting scans every entry: only once they are twice as many as after the last time.
     private var forgetAt = 100_000
 
@@ -780,17 +781,16 @@ struct TransactionBuilder: Sendable {
     mutating func add(_ record: PostgresDecoding.Record) async throws {
         switch record {
         case .insert(let schema, let name, let columns):
-            guard let table = tables["\(schema).\(name)"] else { return }
+            guard let table = table(schema: schema, name: name) else { return }
             upsert(table, key: try PostgresDecoding.key(columns, keyColumns: table.keyColumns), columns: columns)
         case .update(let schema, let name, let columns, let identity):
-            guard let table = tables["\(schema).\(name)"] else { return }
+            guard let table = table(schema: schema, name: name) else { return }
             let key = try PostgresDecoding.key(columns, keyColumns: table.keyColumns)
             let oldKey = identity.isEmpty ? key : try PostgresDecoding.key(identity, keyColumns: table.keyColumns)
             // Values stored out of line that the update left alone (wal2json leaves them out) come
             // from the row before it; after a copy the row may already sit under its new key.
             var full = columns
-            let given = Set(columns.map(\.name))
-            if !table.columns.allSatisfy({ given.contains($0.name) }) {
+            if !Self.holdsEveryColumn(of: table, columns) {
                 var previous = try await current(table, key: oldKey)
                 if previous == nil { previous = try await current(table, key: key) }
                 full = try PostgresDecoding.merged(columns, previous: previous)
@@ -798,10 +798,10 @@ struct TransactionBuilder: Sendable {
             if oldKey != key { delete(table, key: oldKey) }
             upsert(table, key: key, columns: full)
         case .delete(let schema, let name, let identity):
-            guard let table = tables["\(schema).\(name)"] else { return }
+            guard let table = table(schema: schema, name: name) else { return }
             delete(table, key: try PostgresDecoding.key(identity, keyColumns: table.keyColumns))
         case .truncate(let schema, let name):
-            guard let table = tables["\(schema).\(name)"] else { return }
+            guard let table = table(schema: schema, name: name) else { return }
             var keys = Set(try await store.keys(of: table.collection))
             for (key, entry) in written[table.collection] ?? [:] {
                 if case .deleted = entry.state { keys.remove(key) } else { keys.insert(key) }
@@ -810,6 +810,27 @@ struct TransactionBuilder: Sendable {
         case .begin, .commit, .other:
             break
         }
+    }
+
+    /// The captured table `schema.name`, or nil for one not captured. Changes come table by
+    /// table: the last answer is kept, which saves building the name for each change.
+    private mutating func table(schema: String, name: String) -> PostgresCapture.Table? {
+        if let last = lastTable, last.schema == schema, last.name == name { return last.table }
+        let table = tables["\(schema).\(name)"]
+        lastTable = (schema, name, table)
+        return table
+    }
+
+    /// Whether `columns` hold a value for every column of `table`. wal2json writes a full row
+    /// in the table's column order: compared in order first, which costs no set per change.
+    static func holdsEveryColumn(of table: PostgresCapture.Table, _ columns: [PostgresDecoding.Column]) -> Bool {
+        if columns.count == table.columns.count
+            && zip(columns, table.columns).allSatisfy({ $0.name == $1.name })
+        {
+            return true
+        }
+        let given = Set(columns.map(\.name))
+        return table.columns.allSatisfy { given.contains($0.name) }
     }
 
     func current(_ table: PostgresCapture.Table, key: String) async throws -> String? {

@@ -433,7 +433,7 @@ public final class PublisherStore: Sendable {
             lsn = try LSN(Int64.fetchOne(db, sql: "SELECT head FROM concord_feed WHERE id = 1")!)
             find = RawStatement(
                 try db.cachedStatement(
-                    sql: "SELECT version, value FROM concord_records WHERE collection = ?1 AND key = ?2"),
+                    sql: "SELECT version, value, key_hash FROM concord_records WHERE collection = ?1 AND key = ?2"),
                 in: db)
             // New keys are inserted without ON CONFLICT: a key held after all is a failed write.
             upsert = RawStatement(
@@ -467,9 +467,12 @@ public final class PublisherStore: Sendable {
                     find.bind(2, operation.key)
                     existed = try find.step()
                     if existed {
+                        // The key hash stored with the record saves one of the element's two
+                        // SHA-256 (zero only in a file from before it was kept: then computed).
+                        let storedKeyHash = UInt64(bitPattern: find.int64(2))
                         before = Element(
                             collection: operation.collection, key: operation.key, version: LSN(find.int64(0)),
-                            value: find.text(1))
+                            value: find.text(1), keyHash: storedKeyHash == 0 ? nil : storedKeyHash)
                     }
                     find.reset()
                 }
@@ -478,7 +481,9 @@ public final class PublisherStore: Sendable {
                 }
                 if let before { digests[operation.collection]!.remove(before) }
                 let after = operation.value.map {
-                    Element(collection: operation.collection, key: operation.key, version: lsn, value: $0)
+                    Element(
+                        collection: operation.collection, key: operation.key, version: lsn, value: $0,
+                        keyHash: before?.keyHash)
                 }
                 if let after { digests[operation.collection]!.add(after) }
                 touched.append(ElementChange(collection: operation.collection, before: before, after: after))

@@ -31,6 +31,36 @@ func temporaryFile(_ name: String) -> String {
         #expect(try await store.records(of: "users") == [Record(key: "2", version: 2, value: "2")])
     }
 
+    /// An update or delete takes the replaced element's key hash from its record: the element
+    /// it names, the digests and the stored key hashes are those of a full hashing.
+    @Test func theReplacedElementTakesItsKeyHashFromTheRecord() async throws {
+        let store = try PublisherStore(path: temporaryFile("p.sqlite"))
+        try await store.write([.upsert("users", "a", json: "1"), .upsert("users", "b", json: "2")])
+        try await store.write([.upsert("users", "a", json: "3"), .delete("users", "b")])
+        try await store.write([.upsert("users", "b", json: "4")])
+        // A record whose key hash is not stored (zero, as the column's default) is hashed in full.
+        try await store.pool.write { db in
+            try db.execute(sql: "UPDATE concord_records SET key_hash = 0 WHERE key = 'a'")
+        }
+        try await store.write([.upsert("users", "a", json: "6")])
+        try await store.write([.upsert("users", "b", json: "7")])
+        let named = try await store.pool.read { db in
+            try String.fetchAll(db, sql: "SELECT coalesce(before, '') FROM concord_log ORDER BY lsn")
+        }
+        let replaced: [Element?] = [
+            nil, nil, Element(collection: "users", key: "a", version: 1, value: "1"),
+            Element(collection: "users", key: "b", version: 2, value: "2"), nil,
+            Element(collection: "users", key: "a", version: 3, value: "3"),
+            Element(collection: "users", key: "b", version: 5, value: "4"),
+        ]
+        #expect(named == replaced.map { $0?.description ?? "" })
+        for check in try await store.digestCheck() { #expect(check.stored == check.scanned) }
+        let keyHashes = try await store.pool.read { db in
+            try Int64.fetchAll(db, sql: "SELECT key_hash FROM concord_records WHERE key = 'b'")
+        }
+        #expect(keyHashes == [Int64(bitPattern: Element.keyHash(collection: "users", key: "b"))])
+    }
+
     @Test func transactionsWrittenTogetherStayAtomicEachAndCommitWithTheirMarker() async throws {
         let store = try PublisherStore(path: temporaryFile("p.sqlite"))
         let last = try await store.write(
