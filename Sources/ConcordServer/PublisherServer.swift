@@ -164,7 +164,9 @@ public enum PublisherServer {
         let stalledAfter = TimeAmount(configuration.stalledClientTimeout)
         let http1 = HTTPServerBuilder.http1(
             configuration: .init(
-                additionalChannelHandlers: [StalledClientHandler(timeout: stalledAfter)],
+                additionalChannelHandlers: [
+                    StalledClientHandler(timeout: stalledAfter), CloseAfterWritesHandler(timeout: stalledAfter),
+                ],
                 idleTimeout: TimeAmount(configuration.idleTimeout)))
         let server = try configuration.tls.map { files in
             try HTTPServerBuilder.tls(http1, tlsConfiguration: try files.load())
@@ -218,8 +220,10 @@ final class StalledClientHandler: ChannelInboundHandler, RemovableChannelHandler
             deadline?.cancel()
             deadline = nil
         } else if deadline == nil {
-            let channel = context.channel
-            deadline = context.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+            // Closed from here, toward the socket: ``CloseAfterWritesHandler`` (nearer the
+            // application) would hold this close back for the very writes that stalled.
+            let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+            deadline = context.eventLoop.scheduleTask(in: timeout) { boundContext.value.close(promise: nil) }
         }
         context.fireChannelWritabilityChanged()
     }
@@ -233,6 +237,58 @@ final class StalledClientHandler: ChannelInboundHandler, RemovableChannelHandler
     func handlerRemoved(context: ChannelHandlerContext) {
         deadline?.cancel()
         deadline = nil
+    }
+}
+
+/// Holds a connection's close until the response bytes already queued on it are written.
+///
+/// On graceful shutdown Hummingbird closes a connection as soon as it has queued a response's
+/// end, and a closed channel drops what it still had queued: a stream to a reader slower than
+/// the publisher lost its last megabytes, the rest of the transaction it had promised to finish.
+/// After `timeout` (a reader that stopped reading), or at a second close, it closes at once.
+/// It must come after ``StalledClientHandler`` in the pipeline, which closes past it.
+final class CloseAfterWritesHandler: ChannelOutboundHandler, RemovableChannelHandler {
+    typealias OutboundIn = NIOAny
+    let timeout: TimeAmount
+    private var unwritten = 0
+    private var held: (mode: CloseMode, promise: EventLoopPromise<Void>?, deadline: Scheduled<Void>)?
+
+    init(timeout: TimeAmount) {
+        self.timeout = timeout
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let written = promise ?? context.eventLoop.makePromise(of: Void.self)
+        unwritten += 1
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        written.futureResult.whenComplete { _ in
+            handler.value.unwritten -= 1
+            if handler.value.unwritten == 0 { handler.value.releaseClose(context: boundContext.value) }
+        }
+        context.write(data, promise: written)
+    }
+
+    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        guard held == nil, unwritten > 0 else {
+            releaseClose(context: context)
+            context.close(mode: mode, promise: promise)
+            return
+        }
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let deadline = context.eventLoop.scheduleTask(in: timeout) {
+            handler.value.releaseClose(context: boundContext.value)
+        }
+        held = (mode, promise, deadline)
+    }
+
+    /// Passes on the close held back, if any.
+    private func releaseClose(context: ChannelHandlerContext) {
+        guard let close = held else { return }
+        held = nil
+        close.deadline.cancel()
+        context.close(mode: close.mode, promise: close.promise)
     }
 }
 

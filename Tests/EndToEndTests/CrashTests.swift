@@ -27,7 +27,7 @@ struct CrashTests {
                     var workload = RandomWorkload(keySpace: 25_000)
                     while writing.withLock({ $0 }) {
                         try await source.write(workload.transaction())
-                        try await Task.sleep(for: .milliseconds(1))
+                        try await Task.sleep(for: .milliseconds(3))
                     }
                     return 0
                 }
@@ -124,5 +124,43 @@ struct CrashTests {
         var iterator = stream.body.makeAsyncIterator()
         _ = try await iterator.next()
         #expect(publisher.terminate() == 0)
+    }
+
+    /// SIGTERM while a stream is inside a large transaction, to a reader slower than the
+    /// publisher: the stream goes on to the end of that transaction, and no further, and the
+    /// publisher exits only once the reader has all of it (it closed the connection with the
+    /// last megabytes still queued).
+    @Test func aPublisherStoppedWhileStreamingALargeTransactionEndsTheStreamAtItsEnd() async throws {
+        let folder = Harness.folder()
+        let (publisher, port) = try await ConcordProcess.serve(
+            db: folder.appendingPathComponent("source.sqlite").path, extra: ["--max-body-bytes", "134217728"])
+        let http = SourceClient.makeHTTPClient()
+        defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
+        let client = SourceClient(baseURL: "http://127.0.0.1:\(port)", http: http)
+        // 10,000 changes (the most one write takes) of 4 KB: three stream reads, and far more
+        // than the socket buffers between the two hold, so the publisher is still sending the
+        // transaction when it is told to stop.
+        let filler = String(repeating: "x", count: 4000)
+        let count = 10_000
+        try await client.write([.upsert("small", "before", json: "0")])
+        try await client.write((0..<count).map { .upsert("big", "k\($0)", json: "\"\(filler)\($0)\"") })
+        let stream = try await client.stream(after: 0)
+        var iterator = stream.body.makeAsyncIterator()
+        var bytes: [UInt8] = []
+        if let first = try await iterator.next() { bytes += first.readableBytesView }
+        let stopping = Task.detached { publisher.terminate() }
+        // Shutdown begins while the stream waits on the reader.
+        try await Task.sleep(for: .milliseconds(500))
+        while let chunk = try await iterator.next() {
+            bytes += chunk.readableBytesView
+            try await Task.sleep(for: .milliseconds(3))
+        }
+        #expect(await stopping.value == 0)
+        var items: [StreamItem] = []
+        for line in bytes.split(separator: UInt8(ascii: "\n")) {
+            if case .item(let item) = try WireFormat.parseStreamLine(Array(line)) { items.append(item) }
+        }
+        #expect(items.map(\.lastLSN) == Array(1...LSN(count + 1)), "every change, in order, to the end")
+        #expect(items.last?.isCommit == true)
     }
 }
