@@ -281,6 +281,8 @@ final class CloseAfterWritesHandler: ChannelOutboundHandler, RemovableChannelHan
             handler.value.releaseClose(context: boundContext.value)
         }
         held = (mode, promise, deadline)
+        // Writes not flushed yet would wait for the deadline.
+        context.flush()
     }
 
     /// Passes on the close held back, if any.
