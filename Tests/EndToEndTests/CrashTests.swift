@@ -134,9 +134,10 @@ struct CrashTests {
         let folder = Harness.folder()
         let (publisher, port) = try await ConcordProcess.serve(
             db: folder.appendingPathComponent("source.sqlite").path,
-            // A loaded machine may read slowly for long: this test is not about stalled readers.
-            extra: ["--max-body-bytes", "134217728", "--stalled-client-seconds", "300"])
-        let http = SourceClient.makeHTTPClient()
+            // A loaded machine may read and write slowly for long: this test is not about stalled
+            // readers or silent connections.
+            extra: ["--max-body-bytes", "134217728", "--stalled-client-seconds", "100"])
+        let http = SourceClient.makeHTTPClient(idleTimeout: .seconds(120))
         defer { _ = http.shutdown() as EventLoopFuture<Void> }  // on every path, or deinit traps
         let client = SourceClient(baseURL: "http://127.0.0.1:\(port)", http: http)
         // 10,000 changes (the most one write takes) of 4 KB: three stream reads, and far more
