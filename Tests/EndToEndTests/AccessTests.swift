@@ -180,22 +180,22 @@ struct AccessTests {
         }
         #expect(try replica.collections() == ["customers"])
         #expect(try replica.records(of: "customers").map(\.key) == ["c1", "c2"])
-        #expect(follower.terminate() == 0)
+        #expect(await follower.terminate() == 0)
         // status with a token file, and without a token.
         let tokenFile = folder.appendingPathComponent("token").path
         try "\(rotated)\n".write(toFile: tokenFile, atomically: true, encoding: .utf8)
-        let (ok, _) = try PostgresCaptureTests.run(["status", "--source", base, "--token-file", tokenFile])
+        let (ok, _) = try await PostgresCaptureTests.run(["status", "--source", base, "--token-file", tokenFile])
         #expect(ok == 0)
-        let (refused, message) = try PostgresCaptureTests.run(["status", "--source", base])
+        let (refused, message) = try await PostgresCaptureTests.run(["status", "--source", base])
         #expect(refused == 1 && message.contains("bearer token"), "\(message)")
-        #expect(server.terminate() == 0)
+        #expect(await server.terminate() == 0)
     }
 
-    @Test func serveRefusesABadTokensFile() throws {
+    @Test func serveRefusesABadTokensFile() async throws {
         let folder = Harness.folder()
         let tokensFile = folder.appendingPathComponent("tokens").path
         try "ops admin * short\n".write(toFile: tokensFile, atomically: true, encoding: .utf8)
-        let (status, message) = try PostgresCaptureTests.run([
+        let (status, message) = try await PostgresCaptureTests.run([
             "serve", "--db", folder.appendingPathComponent("s.sqlite").path, "--port", "0", "--tokens-file", tokensFile,
         ])
         #expect(status == 2 && message.contains("\(tokensFile):1") && message.contains("shorter"), "\(message)")

@@ -32,8 +32,8 @@ import Testing
         }
         #expect(port != listener.1)
         #expect(FileManager.default.fileExists(atPath: db))
-        #expect(server.terminate() == 0)
-        #expect(listener.0.terminate() == 0)
+        #expect(await server.terminate() == 0)
+        #expect(await listener.0.terminate() == 0)
     }
 
     @Test func refusesAnUnknownKeyNamingFileAndLine() async throws {
@@ -47,9 +47,7 @@ import Testing
         process.arguments = ["serve", "--config", config, "--db", folder.appendingPathComponent("s.sqlite").path]
         process.standardError = errors
         process.standardOutput = FileHandle.nullDevice
-        try process.run()
-        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
+        let message = String(decoding: try await Harness.runToEnd(process, reading: errors), as: UTF8.self)
         #expect(process.terminationStatus == 2)
         #expect(message.contains("concord.conf:3"))
         #expect(message.contains("retain-forever"))

@@ -59,7 +59,7 @@ struct CrashTests {
                 let state = try replica.state()
                 return state?.position == head && state?.progress.phase == .following
             }
-            #expect(child.terminate() == 0, "SIGTERM stops follow cleanly")
+            #expect(await child.terminate() == 0, "SIGTERM stops follow cleanly")
             #expect(try await Harness.differences(source: source, replica: replica) == [])
             let audit = try replica.appliedAudit()
             #expect(audit.repeated == 0, "no change applied twice")
@@ -123,7 +123,7 @@ struct CrashTests {
         let stream = try await client.stream(after: 0)
         var iterator = stream.body.makeAsyncIterator()
         _ = try await iterator.next()
-        #expect(publisher.terminate() == 0)
+        #expect(await publisher.terminate() == 0)
     }
 
     /// SIGTERM while a stream is inside a large transaction, to a reader slower than the
@@ -151,7 +151,7 @@ struct CrashTests {
         var iterator = stream.body.makeAsyncIterator()
         var bytes: [UInt8] = []
         if let first = try await iterator.next() { bytes += first.readableBytesView }
-        let stopping = Task.detached { publisher.terminate() }
+        let stopping = Task { await publisher.terminate() }
         // Shutdown begins while the stream waits on the reader.
         try await Task.sleep(for: .milliseconds(500))
         // Slowly until near the end, where the publisher queues the transaction's last write

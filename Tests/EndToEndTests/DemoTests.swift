@@ -11,9 +11,7 @@ import Testing
         process.arguments = ["demo", "--duration", "5", "--rate", "100", "--records", "4000", "--json"]
         process.standardOutput = output
         process.standardError = FileHandle.nullDevice
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
+        let data = try await Harness.runToEnd(process, reading: output)
         #expect(process.terminationStatus == 0)
         let report = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
         #expect(report["verified"] as? Bool == true)

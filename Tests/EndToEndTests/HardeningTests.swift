@@ -228,30 +228,33 @@ struct HardeningTests {
                 }
             }
             // Raw connections: broken HTTP, bodies cut short, and a few bodies that trickle in.
+            // Each on a thread of its own: their reads block (see `Harness.onOwnThread`).
             for worker in 0..<4 {
                 group.addTask {
-                    var random = SeededGenerator(seed: 0xBAD + UInt64(worker))
-                    for index in 0..<1000 {
-                        guard let connection = try? RawConnection(port: port, receiveTimeout: .seconds(3)) else {
-                            tally.failures.withLock { $0.append("raw connection \(index) refused") }
-                            continue
-                        }
-                        if index % 200 == 0 {
-                            // A slow body: a few bytes, then nothing; the publisher answers 408.
-                            connection.send(
-                                "POST /v1/write HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(Self.loader)\r\n"
-                                    + "Content-Length: 100\r\n\r\n{\"ch")
-                            let status = connection.status()
-                            tally.statuses.withLock { $0[UInt(status ?? 0), default: 0] += 1 }
-                            continue
-                        }
-                        let (bytes, closeEarly) = Self.malformedRequest(&random)
-                        connection.send(bytes)
-                        if closeEarly {
-                            tally.statuses.withLock { $0[0, default: 0] += 1 }
-                        } else {
-                            let status = connection.status()
-                            tally.statuses.withLock { $0[UInt(status ?? 0), default: 0] += 1 }
+                    await Harness.onOwnThread {
+                        var random = SeededGenerator(seed: 0xBAD + UInt64(worker))
+                        for index in 0..<1000 {
+                            guard let connection = try? RawConnection(port: port, receiveTimeout: .seconds(3)) else {
+                                tally.failures.withLock { $0.append("raw connection \(index) refused") }
+                                continue
+                            }
+                            if index % 200 == 0 {
+                                // A slow body: a few bytes, then nothing; the publisher answers 408.
+                                connection.send(
+                                    "POST /v1/write HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(Self.loader)\r\n"
+                                        + "Content-Length: 100\r\n\r\n{\"ch")
+                                let status = connection.status()
+                                tally.statuses.withLock { $0[UInt(status ?? 0), default: 0] += 1 }
+                                continue
+                            }
+                            let (bytes, closeEarly) = Self.malformedRequest(&random)
+                            connection.send(bytes)
+                            if closeEarly {
+                                tally.statuses.withLock { $0[0, default: 0] += 1 }
+                            } else {
+                                let status = connection.status()
+                                tally.statuses.withLock { $0[UInt(status ?? 0), default: 0] += 1 }
+                            }
                         }
                     }
                 }
@@ -282,8 +285,8 @@ struct HardeningTests {
         }
         let source = try PublisherStore(path: db)
         #expect(try await Harness.differences(source: source, replica: replica).isEmpty)
-        #expect(follower.terminate() == 0)
-        #expect(server.terminate() == 0)
+        #expect(await follower.terminate() == 0)
+        #expect(await server.terminate() == 0)
     }
 
     @Test func fiftySubscribersStreamWhileWritesGoOn() async throws {
@@ -342,7 +345,7 @@ struct HardeningTests {
             let differences = try await Harness.differences(source: source, replica: store)
             #expect(differences.isEmpty, "replica \(index): \(differences.prefix(3))")
         }
-        #expect(server.terminate() == 0)
+        #expect(await server.terminate() == 0)
     }
 }
 

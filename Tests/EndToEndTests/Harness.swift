@@ -42,7 +42,33 @@ enum Harness {
         return root.appendingPathComponent(".build/debug/concord").path
     }
 
+    /// Runs blocking `work` (a socket read, a wait for a child process) on a thread of its own.
+    ///
+    /// The tests share Swift's cooperative pool, which has one thread per core (two in CI), with
+    /// every publisher and subscriber they run in-process. A wait that blocks a pool thread
+    /// stalls all of those; two at once stalled a publisher for a minute, and one waiting on a
+    /// child that needs an in-process publisher can wait forever.
+    static func onOwnThread<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
+        await withCheckedContinuation { continuation in
+            Thread { continuation.resume(returning: work()) }.start()
+        }
+    }
+
+    /// Runs `process` to its end, off the cooperative pool; returns what it wrote to `pipe`
+    /// (read while it runs, so a full pipe cannot stall it).
+    static func runToEnd(_ process: Process, reading pipe: Pipe) async throws -> Data {
+        try process.run()
+        let handle = pipe.fileHandleForReading
+        return await onOwnThread {
+            let data = handle.readDataToEndOfFile()
+            process.waitUntilExit()
+            return data
+        }
+    }
+
     /// Runs `executable` with its output discarded; returns its exit status.
+    ///
+    /// It blocks its thread: only for short commands that need nothing from this process.
     static func runQuietly(_ executable: String, _ arguments: [String]) throws -> Int32 {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
@@ -156,11 +182,14 @@ final class ConcordProcess: @unchecked Sendable {
         kill(process.processIdentifier, SIGCONT)
     }
 
-    /// Sends SIGTERM and returns the exit status.
-    func terminate() -> Int32 {
+    /// Sends SIGTERM and returns the exit status, once the process has stopped.
+    func terminate() async -> Int32 {
         process.terminate()
-        process.waitUntilExit()
-        return process.terminationStatus
+        let process = process
+        return await Harness.onOwnThread {
+            process.waitUntilExit()
+            return process.terminationStatus
+        }
     }
 
     deinit {

@@ -127,12 +127,12 @@ struct OperationsTests {
         #expect(html.status == 200)
         #expect(html.body.contains("data-subscriber=\"billing\"") && html.body.contains("data-subscriber=\"shipping\""))
         let chromium = try Chromium.find()
-        let dom = try chromium.dumpDOM(url: base + "/")
+        let dom = try await chromium.dumpDOM(url: base + "/")
         #expect(dom.contains("<b id=\"head\">\(head)</b>"), "the head as the browser shows it")
         #expect(dom.contains("<td>billing</td>") && dom.contains("<td>shipping</td>"))
         #expect(dom.contains("http-equiv=\"refresh\""), "the page reloads itself")
         let shot = folder.appendingPathComponent("dashboard.png").path
-        try chromium.screenshot(url: base + "/", to: shot)
+        try await chromium.screenshot(url: base + "/", to: shot)
         let png = try Data(contentsOf: URL(fileURLWithPath: shot))
         #expect(png.starts(with: [0x89, 0x50, 0x4E, 0x47]) && png.count > 10_000, "a real screenshot: \(png.count) B")
         if let keep = ProcessInfo.processInfo.environment["CONCORD_DASHBOARD_SCREENSHOT"] {
@@ -141,12 +141,12 @@ struct OperationsTests {
         }
 
         // SIGTERM stops a follower cleanly: exit 0, its stream closed.
-        #expect(shipping.terminate() == 0)
+        #expect(await shipping.terminate() == 0)
         try await Harness.waitUntil("shipping's stream is closed", timeout: .seconds(20)) {
             try await Self.metrics(http, base)["concord_subscriber_open_streams{subscriber=\"shipping\"}"] == 0
         }
-        #expect(billing.terminate() == 0)
-        #expect(server.terminate() == 0)
+        #expect(await billing.terminate() == 0)
+        #expect(await server.terminate() == 0)
     }
 
     @Test func tlsServesHTTPSAndTheClientTrustsAPrivateCA() async throws {
@@ -181,7 +181,7 @@ struct OperationsTests {
             return state.position == head && state.verifiedLSN == head
         }
         #expect(try replica.records(of: "items").count == 30)
-        #expect(follower.terminate() == 0)
+        #expect(await follower.terminate() == 0)
 
         // `status` without the CA fails with a certificate error, and exits 1.
         let output = folder.appendingPathComponent("status.out")
@@ -200,7 +200,7 @@ struct OperationsTests {
             pki.serverCertificate, "--tls-key", folder.appendingPathComponent("missing.key").path,
         ])
         #expect(try await broken.exitStatus(timeout: .seconds(30)) == 2)
-        #expect(server.terminate() == 0)
+        #expect(await server.terminate() == 0)
         try await trusting.shutdown()
     }
 
@@ -253,7 +253,8 @@ struct OperationsTests {
                 let metrics = try await Self.fetch(http, url + "/metrics", token: "stream-limit-admin-secret")
                 return parseMetrics(metrics.body)["concord_publisher_open_streams"] == 0
             }
-            #expect(first.peerClosed && second.peerClosed, "the publisher closed both connections")
+            let bothClosed = await Harness.onOwnThread { first.peerClosed && second.peerClosed }
+            #expect(bothClosed, "the publisher closed both connections")
             try await Harness.waitUntil("a's slots are free again", timeout: .seconds(10)) {
                 var again = HTTPClientRequest(url: url + "/v1/changes/stream?after=\(store.head)")
                 again.headers.add(name: "authorization", value: "Bearer stream-limit-secret-aaaa")
@@ -269,7 +270,7 @@ struct OperationsTests {
                 "POST /v1/write HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer stream-limit-admin-secret\r\n"
                     + "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"changes\":[")
             let started = ContinuousClock.now
-            let answer = slow.read(until: "}\n")
+            let answer = await Harness.onOwnThread { slow.read(until: "}\n") }
             #expect(answer.hasPrefix("HTTP/1.1 408") && answer.contains(#""code":"timeout""#), "\(answer)")
             #expect(ContinuousClock.now - started < .seconds(30))
         }
@@ -304,7 +305,7 @@ struct OperationsTests {
         try await Harness.waitUntil("writes are going on", timeout: .seconds(30)) { written.value >= 50 }
         let stopping = ContinuousClock.now
         let writtenBeforeStop = written.value
-        #expect(server.terminate() == 0, "SIGTERM ends the publisher with exit 0")
+        #expect(await server.terminate() == 0, "SIGTERM ends the publisher with exit 0")
         #expect(ContinuousClock.now - stopping < .seconds(10), "promptly")
         let replica = try ReplicaStore(path: replicaPath)
         (server, port) = try await ConcordProcess.serve(db: db, port: port)
@@ -317,8 +318,8 @@ struct OperationsTests {
             return state.position == head && state.verifiedLSN == head
         }
         #expect(try await Harness.differences(source: source, replica: replica).isEmpty)
-        #expect(follower.terminate() == 0)
-        #expect(server.terminate() == 0)
+        #expect(await follower.terminate() == 0)
+        #expect(await server.terminate() == 0)
         // `--log-format json`: every line a JSON object with level, label and message.
         let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n")
         #expect(lines.count >= 2)
@@ -342,7 +343,7 @@ struct Chromium {
         throw ConcordError(.internal, "no Chromium: install Debian's chromium package (scripts/test.sh does)")
     }
 
-    func run(_ arguments: [String]) throws -> String {
+    func run(_ arguments: [String]) async throws -> String {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: path)
         process.arguments =
@@ -356,16 +357,14 @@ struct Chromium {
         let output = Pipe()
         process.standardOutput = output
         process.standardError = FileHandle.nullDevice
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
+        let data = try await Harness.runToEnd(process, reading: output)
         return String(decoding: data, as: UTF8.self)
     }
 
-    func dumpDOM(url: String) throws -> String { try run(["--dump-dom", url]) }
+    func dumpDOM(url: String) async throws -> String { try await run(["--dump-dom", url]) }
 
-    func screenshot(url: String, to path: String) throws {
-        _ = try run(["--screenshot=" + path, "--window-size=1280,760", "--hide-scrollbars", url])
+    func screenshot(url: String, to path: String) async throws {
+        _ = try await run(["--screenshot=" + path, "--window-size=1280,760", "--hide-scrollbars", url])
     }
 }
 

@@ -212,7 +212,7 @@ import Testing
         } catch let error as ConcordError {
             #expect(error.code == .writesRefused)
         }
-        #expect(server.terminate() == 0)
+        #expect(await server.terminate() == 0)
         await sql.close()
     }
 
@@ -261,7 +261,7 @@ import Testing
         }
         let check = try await SQLSession.connect(url)
         try await Self.expectEqualToTables(replica, sql: check)
-        #expect(servers.withLock { $0.last! }.terminate() == 0)
+        #expect(await servers.withLock { $0.last! }.terminate() == 0)
         await check.close()
     }
 
@@ -342,7 +342,7 @@ import Testing
         let toasted = try replica.records(of: "customers").first { $0.key == "10000" }
         #expect(toasted?.value.contains("toasted, renamed") == true)
         #expect((toasted?.value.utf8.count ?? 0) > 25_000, "the out-of-line note came from an earlier piece")
-        #expect(second.terminate() == 0)
+        #expect(await second.terminate() == 0)
         await sql.close()
     }
 
@@ -396,7 +396,7 @@ import Testing
             guard ((try? Self.capture(of: publisherDB))?.head ?? 0) >= before + changes else { return false }
             return try await Self.confirmedLSN(url: url) > beforeCommit
         }
-        #expect(first.terminate() == 0)
+        #expect(await first.terminate() == 0)
         let logged = try Self.capture(of: publisherDB).head
         #expect(logged == before + changes)
         // The slot as it stood before the transaction takes its place.
@@ -421,7 +421,7 @@ import Testing
         }
         #expect(again == 0, "nothing but the sentinel is logged after the restart")
         try await Self.expectEqualToTables(replica, sql: sql)
-        #expect(second.terminate() == 0)
+        #expect(await second.terminate() == 0)
     }
 
     /// A publisher stopped the moment its log holds a transaction still tells the slot so on its
@@ -451,7 +451,7 @@ import Testing
                 guard ContinuousClock.now < deadline else { throw ConcordError(.timeout, "the rows are not logged") }
                 try await Task.sleep(for: .milliseconds(2))
             }
-            #expect(publisher.terminate() == 0)
+            #expect(await publisher.terminate() == 0)
             let logged = try await Self.publisherFile(publisherDB).read { db in
                 try String.fetchOne(db, sql: "SELECT value FROM concord_markers WHERE name = 'postgres.lsn'")
             }
@@ -470,7 +470,7 @@ import Testing
             try await Self.waitForSentinel(replica, url: url, log: log)
         }
         try await Self.expectEqualToTables(replica, sql: sql)
-        #expect(last.terminate() == 0)
+        #expect(await last.terminate() == 0)
         await sql.close()
     }
 
@@ -485,7 +485,7 @@ import Testing
         try await Harness.waitUntil("the first copy is done", timeout: .seconds(60)) {
             (try? Self.capture(of: publisherDB))?.streaming == true
         }
-        #expect(first.terminate() == 0)
+        #expect(await first.terminate() == 0)
         let copied = try Self.capture(of: publisherDB).head
         #expect(copied == 3600)
         try await sql.run("UPDATE customers SET name = 'changed' WHERE id IN (7, 2500)")
@@ -514,7 +514,7 @@ import Testing
                 #"order_lines ["o99","2"]"#,
             ])
         try await Self.expectEqualToTables(replica, sql: sql)
-        #expect(second.terminate() == 0)
+        #expect(await second.terminate() == 0)
         await sql.close()
     }
 
@@ -532,7 +532,7 @@ import Testing
         try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
             try await Self.write(url: url, transactions: 100, seed: 4)
             try await Self.waitForSentinel(replica, url: url, log: log)
-            #expect(first.terminate() == 0)
+            #expect(await first.terminate() == 0)
             // While it is down: changes its slot keeps, then WAL past what the server keeps for it.
             try await Self.write(url: url, transactions: 200, seed: 5)
             try await sql.run("DELETE FROM customers WHERE id BETWEEN 100 AND 199")
@@ -546,7 +546,7 @@ import Testing
         #expect(try replica.records(of: "customers").contains { $0.key == "150" } == false)
         let said = try String(contentsOf: log, encoding: .utf8)
         #expect(said.contains("was invalidated"), "the second publisher found the slot lost")
-        #expect(servers.withLock { $0.last! }.terminate() == 0)
+        #expect(await servers.withLock { $0.last! }.terminate() == 0)
         await sql.close()
     }
 
@@ -599,7 +599,7 @@ import Testing
         }
         #expect(try replica.records(of: "customers").first { $0.key == "1" }?.value.contains("signed in") == true)
         try await Self.expectEqualToTables(replica, sql: sql)
-        #expect(server.terminate() == 0)
+        #expect(await server.terminate() == 0)
         await sql.close()
     }
 
@@ -621,7 +621,7 @@ import Testing
         try await Harness.waitUntil("the quiet database's slot passes the others' writes", timeout: .seconds(60)) {
             try await Self.confirmedLSN(url: url) > walBefore
         }
-        #expect(server.terminate() == 0)
+        #expect(await server.terminate() == 0)
         await busy.close()
         await sql.close()
     }
@@ -635,22 +635,22 @@ import Testing
         try await sql.run("CREATE ROLE plain_role LOGIN")
         let folder = Harness.folder()
         let db = folder.appendingPathComponent("source.sqlite").path
-        var (status, message) = try Self.run([
+        var (status, message) = try await Self.run([
             "serve", "--db", db, "--port", "0", "--postgres", url, "--tables", "public.events",
         ])
         #expect(
             status == 2 && message.contains("has no primary key") && message.contains("ADD PRIMARY KEY"), "\(message)")
-        (status, message) = try Self.run([
+        (status, message) = try await Self.run([
             "serve", "--db", db, "--port", "0", "--postgres", url, "--tables", "public.nope",
         ])
         #expect(status == 2 && message.contains("no table public.nope"), "\(message)")
         var plain = URLComponents(string: url)!
         plain.user = "plain_role"
-        (status, message) = try Self.run([
+        (status, message) = try await Self.run([
             "serve", "--db", db, "--port", "0", "--postgres", plain.string!, "--tables", "public.customers",
         ])
         #expect(status == 2 && message.contains("WITH REPLICATION"), "\(message)")
-        (status, message) = try Self.run(["serve", "--db", db, "--port", "0", "--tables", "public.customers"])
+        (status, message) = try await Self.run(["serve", "--db", db, "--port", "0", "--tables", "public.customers"])
         #expect(status != 0 && message.contains("--tables goes with --postgres"), "\(message)")
         await sql.close()
     }
@@ -721,16 +721,14 @@ import Testing
     }
 
     /// Runs `concord ARGUMENTS` to its end; returns its exit status and standard error.
-    static func run(_ arguments: [String]) throws -> (Int32, String) {
+    static func run(_ arguments: [String]) async throws -> (Int32, String) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Harness.binary)
         process.arguments = arguments + ["--log-level", "critical"]
         let errors = Pipe()
         process.standardError = errors
         process.standardOutput = FileHandle.nullDevice
-        try process.run()
-        let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
+        let text = String(decoding: try await Harness.runToEnd(process, reading: errors), as: UTF8.self)
         return (process.terminationStatus, text)
     }
 }

@@ -68,8 +68,8 @@ extension PostgresCaptureTests {
         try await Self.waitForSentinel(replica, url: url, log: folder.appendingPathComponent("follow.log"))
         try await Self.expectEqualToTables(replica, sql: sql)
 
-        #expect(follower.terminate() == 0)
-        #expect(server.terminate() == 0)
+        #expect(await follower.terminate() == 0)
+        #expect(await server.terminate() == 0)
         await replica.close()
         await sql.close()
     }
@@ -110,7 +110,7 @@ extension PostgresCaptureTests {
             }
             let differences = try await Harness.differences(source: publisher, replica: replica)
             #expect(differences.isEmpty, "\(differences.prefix(5))")
-            #expect(follower.terminate() == 0)
+            #expect(await follower.terminate() == 0)
             await replica.close()
         }
     }
@@ -461,7 +461,7 @@ extension PostgresCaptureTests {
             #expect(publisher.head >= end)
             let differences = try await Harness.differences(source: publisher, replica: replica)
             #expect(differences.isEmpty, "\(differences.prefix(5))")
-            #expect(follower.terminate() == 0)
+            #expect(await follower.terminate() == 0)
             await replica.close()
         }
     }
@@ -540,9 +540,9 @@ extension PostgresCaptureTests {
 
     @Test func aReplicaSchemaThatDoesNotExistIsReported() async throws {
         let url = try await PostgresHarness.database()
-        let (status, message) = try Self.run(["status", "--postgres", url, "--schema", "nowhere"])
+        let (status, message) = try await Self.run(["status", "--postgres", url, "--schema", "nowhere"])
         #expect(status == 1 && message.contains("no Concord replica in"), "\(message)")
-        let (badStatus, badMessage) = try Self.run([
+        let (badStatus, badMessage) = try await Self.run([
             "follow", "--source", "http://127.0.0.1:1", "--postgres", "mysql://x@h/db",
         ])
         #expect(badStatus == 2 && badMessage.contains("--postgres must look like"), "\(badMessage)")

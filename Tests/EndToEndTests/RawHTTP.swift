@@ -6,7 +6,10 @@ import Foundation
 
 /// A plain TCP connection on loopback, for requests no HTTP client would send: malformed
 /// request lines, truncated or slow bodies, a reader that never reads.
-final class RawConnection {
+///
+/// Its reads block until the receive timeout: call them through ``Harness/onOwnThread(_:)``,
+/// never on the cooperative pool. One task uses a connection at a time.
+final class RawConnection: @unchecked Sendable {
     let socket: Int32
 
     init(port: Int, receiveTimeout: Duration = .seconds(5)) throws {

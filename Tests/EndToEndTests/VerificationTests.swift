@@ -150,8 +150,7 @@ struct VerificationTests {
             #expect(try await Harness.differences(source: source, replica: replica).isEmpty)
             // The CLI says the same, by exit status.
             let verify = try ConcordProcess(["verify", "--source", url, "--db", replicaPath])
-            verify.process.waitUntilExit()
-            #expect(verify.process.terminationStatus == 0)
+            #expect(try await verify.exitStatus() == 0)
             try await Self.withSubscriber(url: url, replica: replica) {
                 try await source.write([.upsert("items", "k2", json: "{\"v\":\"later\"}")])
                 try await Self.waitVerified(replica, source: source)
