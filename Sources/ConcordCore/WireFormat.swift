@@ -48,22 +48,48 @@ public enum WireFormat {
         of items: some Collection<StreamItem>, includeBefore: Bool, checkpoints: [Checkpoint] = []
     ) -> Int {
         var size = 0
-        for item in items {
-            switch item {
-            case .change(let change):
-                // The members' names and punctuation, with a 20-digit LSN.
-                size += 92 + change.collection.utf8.count + change.key.utf8.count + (change.value?.utf8.count ?? 0)
-                if includeBefore, change.before != nil { size += 76 }
-            case .skip:
-                size += 80
-            }
-        }
+        for item in items { size += lineSize(of: item, includeBefore: includeBefore) }
         for checkpoint in checkpoints {
             size += 48
             for (collection, _) in checkpoint.digests { size += collection.utf8.count + 96 }
         }
         // Escapes.
         return size + size / 16 + 256
+    }
+
+    /// About how many bytes `item`'s line takes, escapes left out.
+    static func lineSize(of item: StreamItem, includeBefore: Bool) -> Int {
+        switch item {
+        case .change(let change):
+            // The members' names and punctuation, with a 20-digit LSN.
+            var size = 92 + change.collection.utf8.count + change.key.utf8.count + (change.value?.utf8.count ?? 0)
+            if includeBefore, change.before != nil { size += 76 }
+            return size
+        case .skip:
+            return 80
+        }
+    }
+
+    /// Cuts `items` into runs of consecutive items whose lines take about `bytes` each: every
+    /// run holds at least one item, and one more line would take it to `bytes` or past.
+    ///
+    /// A stream writes a run at a time. The publisher judges a reader stalled by how long its
+    /// connection stays full, and a write is taken whole into that backlog: a write of a bounded
+    /// size drains in bounded time for any reader that reads at all.
+    public static func runs(of items: [StreamItem], includeBefore: Bool, bytes: Int) -> [Range<Int>] {
+        var runs: [Range<Int>] = []
+        var start = items.startIndex
+        var size = 0
+        for index in items.indices {
+            size += lineSize(of: items[index], includeBefore: includeBefore)
+            if size >= bytes {
+                runs.append(start..<(index + 1))
+                start = index + 1
+                size = 0
+            }
+        }
+        if start < items.endIndex { runs.append(start..<items.endIndex) }
+        return runs
     }
 
     /// `"collection":…,"key":…,"op":"upsert","value":…` (or `"op":"delete"`): the members a

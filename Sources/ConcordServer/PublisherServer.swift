@@ -575,12 +575,14 @@ struct API: Sendable {
                             if sent % every != 0 { kept.append(item) }
                         }
                     }
-                    // Written in pieces: a large transaction is neither held whole in one buffer
-                    // nor copied whole into another, and the subscriber reads its first lines
-                    // while the rest are encoded.
+                    // Written in pieces of bounded size: a large transaction is neither held whole
+                    // in one buffer nor copied whole into another, the subscriber reads its first
+                    // lines while the rest are encoded, and a slow reader drains each write well
+                    // within the stalled-client limit.
                     var bytes = 0
-                    for start in stride(from: 0, to: kept.count, by: Self.linesPerWrite) {
-                        let piece = kept[start..<min(kept.count, start + Self.linesPerWrite)]
+                    let runs = WireFormat.runs(of: kept, includeBefore: includeBefore, bytes: Self.bytesPerWrite)
+                    for run in runs {
+                        let piece = kept[run]
                         var lines = JSONWriter(
                             capacity: WireFormat.encodedSize(
                                 of: piece, includeBefore: includeBefore, checkpoints: checkpoints))
@@ -609,8 +611,10 @@ struct API: Sendable {
         }
     }
 
-    /// Change lines encoded and written at a time: about 1 MB of 225-byte values.
-    static let linesPerWrite = 4096
+    /// Bytes of change lines encoded and written at a time (more when one line is longer). A
+    /// reader is cut as stalled when its connection stays full for `stalledClientTimeout`; each
+    /// write must drain first, so at the defaults any reader faster than 8 KB/s keeps up.
+    static let bytesPerWrite = 256 << 10
 
     /// Writes `items`, each checkpoint right after the item that ends at its LSN.
     static func append(

@@ -42,6 +42,47 @@ import Testing
         }
     }
 
+    /// A stream write is bounded by bytes, not lines: the runs cover every item once, in order,
+    /// and each written run takes about `bytes`, whatever the values' sizes.
+    @Test func streamRunsAreBoundedByBytes() {
+        var items: [StreamItem] = []
+        for index in 0..<3000 {
+            // Values from a few bytes to 40 KB, one far longer than a run.
+            let size = index == 1234 ? 1 << 20 : (index * 7919) % 40_000
+            let value = "\"" + String(repeating: "v", count: size) + "\""
+            items.append(
+                .change(
+                    Change(
+                        lsn: LSN(index + 1), collection: "c", key: "k\(index)", operation: .upsert, value: value,
+                        isCommit: index % 10 == 9)))
+            if index % 100 == 0 { items.append(.skip(from: LSN(index + 1), through: LSN(index + 1), isCommit: true)) }
+        }
+        let bytes = 256 << 10
+        let runs = WireFormat.runs(of: items, includeBefore: false, bytes: bytes)
+        #expect(runs.first?.lowerBound == 0 && runs.last?.upperBound == items.count)
+        #expect(zip(runs, runs.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound }, "in order, none twice")
+        for run in runs {
+            #expect(!run.isEmpty)
+            var writer = JSONWriter()
+            for item in items[run] { WireFormat.append(item, to: &writer) }
+            var withoutLast = JSONWriter()
+            for item in items[run].dropLast() { WireFormat.append(item, to: &withoutLast) }
+            // Under the bound until its last line, and that line takes it to the bound (the
+            // last run excepted, which ends with the items).
+            #expect(withoutLast.bytes.count < bytes)
+            if run.upperBound < items.count { #expect(writer.bytes.count >= bytes - bytes / 32) }
+        }
+        // The line longer than a run ends its run.
+        let huge = items.firstIndex {
+            if case .change(let change) = $0 { return change.key == "k1234" }
+            return false
+        }
+        #expect(runs.contains { $0.upperBound == huge.map { $0 + 1 } })
+        #expect(WireFormat.runs(of: [], includeBefore: false, bytes: bytes).isEmpty)
+        let three = Array(items.prefix(3))
+        #expect(WireFormat.runs(of: three, includeBefore: false, bytes: bytes) == [0..<3])
+    }
+
     @Test func streamItemsRoundTrip() throws {
         let items: [StreamItem] = [
             .change(

@@ -277,6 +277,34 @@ struct OperationsTests {
         #expect(try await store.feedInfo().head == 2000, "nothing was written")
     }
 
+    /// The stalled-client limit cuts a reader that stopped, not one that reads slowly: a reader
+    /// at 1 MB/s gets a 6 MB transaction whole under a 3 s limit. (When a stream wrote 4,096
+    /// lines at once, this one write took 6 s to drain and the reader was cut.)
+    @Test func aSlowReaderIsNotCutAsStalled() async throws {
+        let folder = Harness.folder()
+        let store = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
+        let count = 1500
+        let pad = String(repeating: "x", count: 4000)
+        try await store.write((0..<count).map { .upsert("items", "k\($0)", json: "{\"pad\":\"\(pad)\"}") })
+        var configuration = PublisherServer.Configuration.testing
+        configuration.stalledClientTimeout = .seconds(3)
+        try await PublisherServer.withRunningServer(store: store, configuration: configuration, logger: Harness.logger)
+        {
+            url in
+            let connection = try RawConnection(
+                port: Int(url.split(separator: ":").last!)!, receiveTimeout: .seconds(20))
+            connection.send("GET /v1/changes/stream?after=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+            let (received, closed) = await Harness.onOwnThread {
+                connection.readSlowly(bytesPerSecond: 1 << 20, until: #""commit":true}"#)
+            }
+            #expect(!closed, "the publisher did not cut the reader")
+            let upserts = received.split(separator: UInt8(ascii: "\n")).count {
+                $0.firstRange(of: Array(#""op":"upsert""#.utf8)) != nil
+            }
+            #expect(upserts == count, "every change arrived (\(received.count) bytes)")
+        }
+    }
+
     @Test func sigtermStopsThePublisherCleanlyAndSubscribersResume() async throws {
         let folder = Harness.folder()
         let db = folder.appendingPathComponent("source.sqlite").path

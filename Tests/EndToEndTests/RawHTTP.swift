@@ -79,6 +79,28 @@ final class RawConnection: @unchecked Sendable {
         return String(decoding: received, as: UTF8.self)
     }
 
+    /// Reads at about `bytesPerSecond` until `marker` has arrived, the peer closes, or the
+    /// receive timeout passes; returns what arrived and whether the peer closed.
+    func readSlowly(bytesPerSecond: Int, until marker: String) -> (received: [UInt8], closed: Bool) {
+        var received: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let started = ContinuousClock.now
+        let target = Array(marker.utf8)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { recv(socket, $0.baseAddress, $0.count, 0) }
+            if count <= 0 { return (received, count == 0) }
+            received += buffer[0..<count]
+            // The marker may straddle two reads: look in the last read and the line before it.
+            let tail = received.suffix(count + target.count)
+            if tail.firstRange(of: target) != nil { return (received, false) }
+            let elapsed = (ContinuousClock.now - started).components
+            let ahead =
+                Double(received.count) / Double(bytesPerSecond) - Double(elapsed.seconds)
+                - Double(elapsed.attoseconds) * 1e-18
+            if ahead > 0 { Thread.sleep(forTimeInterval: ahead) }
+        }
+    }
+
     /// The status code of the first response read, if one arrives.
     func status() -> Int? {
         let text = String(read(until: "\n").prefix(64))
