@@ -613,8 +613,9 @@ struct API: Sendable {
 
     /// Bytes of change lines encoded and written at a time (more when one line is longer). A
     /// reader is cut as stalled when its connection stays full for `stalledClientTimeout`; each
-    /// write must drain first, so at the defaults any reader faster than 8 KB/s keeps up.
-    static let bytesPerWrite = 256 << 10
+    /// write must drain first, so at the defaults any reader faster than 35 KB/s keeps up. For
+    /// 225-byte values a write holds about as many lines as a read from the log (4,096).
+    static let bytesPerWrite = 1 << 20
 
     /// Writes `items`, each checkpoint right after the item that ends at its LSN.
     static func append(

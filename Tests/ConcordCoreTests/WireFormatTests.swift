@@ -48,7 +48,7 @@ import Testing
         var items: [StreamItem] = []
         for index in 0..<3000 {
             // Values from a few bytes to 40 KB, one far longer than a run.
-            let size = index == 1234 ? 1 << 20 : (index * 7919) % 40_000
+            let size = index == 1234 ? 3 << 20 : (index * 7919) % 40_000
             let value = "\"" + String(repeating: "v", count: size) + "\""
             items.append(
                 .change(
@@ -57,7 +57,7 @@ import Testing
                         isCommit: index % 10 == 9)))
             if index % 100 == 0 { items.append(.skip(from: LSN(index + 1), through: LSN(index + 1), isCommit: true)) }
         }
-        let bytes = 256 << 10
+        let bytes = 1 << 20
         let runs = WireFormat.runs(of: items, includeBefore: false, bytes: bytes)
         #expect(runs.first?.lowerBound == 0 && runs.last?.upperBound == items.count)
         #expect(zip(runs, runs.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound }, "in order, none twice")

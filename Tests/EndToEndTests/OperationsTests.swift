@@ -278,16 +278,17 @@ struct OperationsTests {
     }
 
     /// The stalled-client limit cuts a reader that stopped, not one that reads slowly: a reader
-    /// at 1 MB/s gets a 6 MB transaction whole under a 3 s limit. (When a stream wrote 4,096
-    /// lines at once, this one write took 6 s to drain and the reader was cut.)
+    /// at 1.5 MB/s gets a 12 MB transaction whole under a 4 s limit, each 1 MiB write draining
+    /// in under a second. (When a stream wrote up to 4,096 lines at once, the transaction went
+    /// in one write that kept the connection full for about 6 s, and the reader was cut.)
     @Test func aSlowReaderIsNotCutAsStalled() async throws {
         let folder = Harness.folder()
         let store = try PublisherStore(path: folder.appendingPathComponent("source.sqlite").path)
-        let count = 1500
+        let count = 3000
         let pad = String(repeating: "x", count: 4000)
         try await store.write((0..<count).map { .upsert("items", "k\($0)", json: "{\"pad\":\"\(pad)\"}") })
         var configuration = PublisherServer.Configuration.testing
-        configuration.stalledClientTimeout = .seconds(3)
+        configuration.stalledClientTimeout = .seconds(4)
         try await PublisherServer.withRunningServer(store: store, configuration: configuration, logger: Harness.logger)
         {
             url in
@@ -295,7 +296,7 @@ struct OperationsTests {
                 port: Int(url.split(separator: ":").last!)!, receiveTimeout: .seconds(20))
             connection.send("GET /v1/changes/stream?after=0 HTTP/1.1\r\nHost: x\r\n\r\n")
             let (received, closed) = await Harness.onOwnThread {
-                connection.readSlowly(bytesPerSecond: 1 << 20, until: #""commit":true}"#)
+                connection.readSlowly(bytesPerSecond: 1_500_000, until: #""commit":true}"#)
             }
             #expect(!closed, "the publisher did not cut the reader")
             let upserts = received.split(separator: UInt8(ascii: "\n")).count {
