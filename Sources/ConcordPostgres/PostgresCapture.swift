@@ -25,8 +25,6 @@ public final class PostgresCapture: Service, Sendable {
         public var tables: [String]
         /// The replication slot's name: lowercase letters, digits and underscores.
         public var slot = "concord"
-        /// How long the log's writer waits before looking again when no transaction is queued.
-        public var pollInterval: Duration = .milliseconds(5)
         /// Changes read ahead of the log's writer at most; past them the reading waits (a
         /// larger transaction is still taken whole).
         public var maxQueuedChanges = 50_000
@@ -467,7 +465,6 @@ public final class PostgresCapture: Service, Sendable {
         let piece = configuration.transactionPiece
         let store = self.store
         let logger = self.logger
-        let idle = configuration.pollInterval
         do {
             try await ReplicationConnection.stream(url: configuration.url, slot: slot, options: options, logger: logger)
             { stream in
@@ -478,7 +475,7 @@ public final class PostgresCapture: Service, Sendable {
                     }
                     group.addTask {
                         try await Self.write(
-                            queue, to: store, confirmingOn: stream, after: applied, idle: idle, logger: logger)
+                            queue, to: store, confirmingOn: stream, after: applied, logger: logger)
                     }
                     // Neither ends but by an error or a cancellation, which ends the other too.
                     try await group.next()
@@ -582,7 +579,7 @@ public final class PostgresCapture: Service, Sendable {
     /// Writes what is queued to the log, then confirms it to the server; answers keepalives.
     static func write(
         _ queue: CapturedTransactions, to store: PublisherStore, confirmingOn stream: ReplicationConnection.Stream,
-        after applied: UInt64, idle: Duration, logger: Logger
+        after applied: UInt64, logger: Logger
     ) async throws {
         var durable = applied
         var status = StatusUpdates()
@@ -616,7 +613,8 @@ public final class PostgresCapture: Service, Sendable {
                 if ContinuousClock.now - queue.lastHeard > .seconds(60) {
                     throw ConcordError(.unavailable, "PostgreSQL sent nothing on the replication connection for 60 s")
                 }
-                if batch.lastCommit == nil && batch.pieces == nil { try await Task.sleep(for: idle) }
+                // At least once a second, for the silence check above.
+                if batch.lastCommit == nil && batch.pieces == nil { await queue.waitForWork(timeout: .seconds(1)) }
             }
         } catch {
             await confirmOnLeaving(store: store, durable: durable, on: stream)
@@ -875,7 +873,8 @@ struct TransactionBuilder: Sendable {
 }
 
 /// The transactions read from the replication stream and not yet in the log, handed from the
-/// reading task to the writing one.
+/// reading task to the writing one, which waits for them without polling: an idle capture
+/// costs no wake-ups, and a transaction goes into the log as soon as it is queued.
 final class CapturedTransactions: Sendable {
     struct Batch {
         var transactions: [[WriteOperation]] = []
@@ -894,6 +893,10 @@ final class CapturedTransactions: Sendable {
         var changes = 0
         var durableNumber = 0
         var lastHeard = ContinuousClock.now
+        /// The writer, while it waits for work.
+        var writer: CheckedContinuation<Void, Never>?
+        /// Work came while the writer was not waiting: its next wait returns at once.
+        var rung = false
     }
 
     let limit: Int
@@ -915,6 +918,7 @@ final class CapturedTransactions: Sendable {
             state.batch.lastNumber = number
             state.changes += operations.count
         }
+        ring()
     }
 
     /// Queues a transaction that comes in pieces: the writer writes it after the transactions
@@ -927,6 +931,7 @@ final class CapturedTransactions: Sendable {
             state.batch.pieces = pieces
             state.batch.piecesNumber = number
         }
+        ring()
     }
 
     /// Gives up a transaction in pieces the writer has not taken: it will take nothing more.
@@ -944,6 +949,45 @@ final class CapturedTransactions: Sendable {
 
     func requestReply() {
         state.withLock { $0.batch.replyRequested = true }
+        ring()
+    }
+
+    /// Wakes the writer, or makes its next wait return at once.
+    private func ring() {
+        let writer = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            guard let writer = state.writer else {
+                state.rung = true
+                return nil
+            }
+            state.writer = nil
+            return writer
+        }
+        writer?.resume()
+    }
+
+    /// Waits until a transaction is queued or the server asks for a reply (since the last
+    /// ``takeAll()``), `timeout` passes, or the task is cancelled. One writer waits at a time.
+    func waitForWork(timeout: Duration) async {
+        let timer = Task {
+            guard (try? await Task.sleep(for: timeout)) != nil else { return }
+            self.ring()
+        }
+        defer { timer.cancel() }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let rung = state.withLock { state in
+                    if state.rung {
+                        state.rung = false
+                        return true
+                    }
+                    state.writer = continuation
+                    return false
+                }
+                if rung { continuation.resume() }
+            }
+        } onCancel: {
+            ring()
+        }
     }
 
     /// Whether the server asked for an answer, which this takes.
@@ -960,6 +1004,8 @@ final class CapturedTransactions: Sendable {
             defer {
                 state.batch = Batch()
                 state.changes = 0
+                // Whatever rang is taken here.
+                state.rung = false
             }
             return state.batch
         }

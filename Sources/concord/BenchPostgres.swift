@@ -259,6 +259,42 @@ extension Bench {
                 (ProcessCPU.seconds(of: follower.processIdentifier) - cpuBeforeBacklog.1) * 1e6 / Double(small),
                 replicaServerBacklogCPU * 1e6 / Double(small)))
 
+        // A service's writes one at a time: how soon each is in the publisher's log after the
+        // statement began (a long poll waits on the head), and what both processes cost while
+        // nothing is written.
+        var latencies: [Double] = []
+        // Committed as a service commits: the walsender sends only what is flushed, and a commit
+        // that does not wait for its flush reaches the slot at the WAL writer's next round.
+        try await source.run("SET synchronous_commit = on")
+        for id in 1...40 {
+            let head = try await feedClient.feed().head
+            let logged = Task { try await feedClient.changes(after: head, limit: 1, wait: 10) }
+            try await Task.sleep(for: .milliseconds(50))
+            let sent = ContinuousClock.now
+            try await source.run("UPDATE src SET v = v || '+' WHERE id = \(id)")
+            _ = try await logged.value
+            latencies.append((ContinuousClock.now - sent).seconds * 1000)
+        }
+        latencies.sort()
+        try await Task.sleep(for: .seconds(2))
+        let idleBefore = (
+            ProcessCPU.seconds(of: publisher.processIdentifier), ProcessCPU.seconds(of: follower.processIdentifier)
+        )
+        try await Task.sleep(for: .seconds(10))
+        let idleCPU = (
+            (ProcessCPU.seconds(of: publisher.processIdentifier) - idleBefore.0) * 1000,
+            (ProcessCPU.seconds(of: follower.processIdentifier) - idleBefore.1) * 1000
+        )
+        say(
+            String(
+                format:
+                    "  Concord: 40 one-row updates one at a time, each in the publisher's log %.1f ms after its statement began (median; 90th percentile %.1f ms); then idle for 10 s: %.0f ms of CPU in the publisher, %.0f ms in the subscriber",
+                latencies[20], latencies[36], idleCPU.0, idleCPU.1))
+        results["postgres_concord_commit_to_log_median_ms"] = latencies[20]
+        results["postgres_concord_commit_to_log_p90_ms"] = latencies[36]
+        results["postgres_concord_idle_publisher_cpu_ms_per_10s"] = idleCPU.0
+        results["postgres_concord_idle_subscriber_cpu_ms_per_10s"] = idleCPU.1
+
         // A second replica of the same publisher: what each further replica costs once the
         // source is captured (PostgreSQL's subscription copies from the source table each time).
         let secondBackends = try await replica.serverTime()

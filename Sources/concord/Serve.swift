@@ -69,11 +69,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "With --postgres: the replication slot's name.")
     var slot = "concord"
 
-    @Option(
-        help: """
-            With --postgres: milliseconds the log's writer waits before looking again when no \
-            captured transaction is queued.
-            """)
+    /// No longer used (the log's writer wakes when a transaction is queued); still accepted so
+    /// that command lines and configuration files that name it keep working.
+    @Option(help: .hidden)
     var pollIntervalMs = 5
 
     @Option(
@@ -222,7 +220,6 @@ struct Serve: AsyncParsableCommand {
             var captureConfiguration = PostgresCapture.Configuration(
                 url: postgres, tables: (tables ?? "").split(separator: ",").map(String.init))
             captureConfiguration.slot = slot
-            captureConfiguration.pollInterval = .milliseconds(max(1, pollIntervalMs))
             captureConfiguration.copyBatch = copyBatch
             captureConfiguration.transactionPiece = transactionPiece
             capture = PostgresCapture(configuration: captureConfiguration, store: store, logger: logger)

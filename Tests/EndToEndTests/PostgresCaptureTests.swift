@@ -42,7 +42,7 @@ import Testing
         try await ConcordProcess.serve(
             db: folder.appendingPathComponent("source.sqlite").path, port: port,
             extra: [
-                "--postgres", url, "--tables", tables, "--poll-interval-ms", "20", "--slot", slot(url), "--copy-batch",
+                "--postgres", url, "--tables", tables, "--slot", slot(url), "--copy-batch",
                 "5000",
             ] + extra,
             log: folder.appendingPathComponent("serve.log").path)

@@ -57,4 +57,40 @@ import Testing
         #expect(startup.readInteger(as: Int32.self) == 196_608)
         #expect(startup.readString(length: startup.readableBytes) == "user\0u\0replication\0database\0\0")
     }
+
+    /// The log's writer sleeps until the reader queues a transaction or the server asks for a
+    /// reply, or until its timeout: it neither polls nor misses work queued just before it waits.
+    @Test func theCaptureWriterWakesForWorkAndOnlyForIt() async throws {
+        let queue = CapturedTransactions(limit: 100)
+        func timed(_ work: () async throws -> Void) async rethrows -> Duration {
+            let started = ContinuousClock.now
+            try await work()
+            return ContinuousClock.now - started
+        }
+        // Nothing queued: the wait lasts its timeout.
+        #expect(await timed { await queue.waitForWork(timeout: .milliseconds(200)) } >= .milliseconds(200))
+        // Queued before the wait: it returns at once, far within its timeout.
+        try await queue.push([.delete("c", "k1")], commit: 10, number: 1)
+        #expect(await timed { await queue.waitForWork(timeout: .seconds(30)) } < .seconds(5))
+        // Taken: the next wait waits again.
+        #expect(queue.takeAll().lastCommit == 10)
+        #expect(await timed { await queue.waitForWork(timeout: .milliseconds(200)) } >= .milliseconds(200))
+        // A transaction queued, a reply asked for, or a cancellation wakes a waiting writer.
+        let wakers: [@Sendable (Task<Duration, Never>) async throws -> Void] = [
+            { _ in try await queue.push([.delete("c", "k2")], commit: 20, number: 2) },
+            { _ in queue.requestReply() },
+            { waiting in waiting.cancel() },
+        ]
+        for wake in wakers {
+            _ = queue.takeAll()
+            let waiting = Task {
+                let started = ContinuousClock.now
+                await queue.waitForWork(timeout: .seconds(30))
+                return ContinuousClock.now - started
+            }
+            try await Task.sleep(for: .milliseconds(100))
+            try await wake(waiting)
+            #expect(await waiting.value < .seconds(5))
+        }
+    }
 }
