@@ -38,6 +38,10 @@ public final class PostgresCapture: Service, Sendable {
         /// this many, each written while the next is read, in one SQLite transaction that commits
         /// with the source's: readers still see it whole, and the publisher never holds it whole.
         public var transactionPiece = 10_000
+        /// How often, while streaming, the captured tables' definitions (columns, their types,
+        /// the primary key) are compared with those the records were copied under. Logical
+        /// decoding carries no DDL: rows an `ALTER TABLE` filled or emptied send no change.
+        public var tableCheckInterval: Duration = .seconds(30)
         public var backoffMaximum: Duration = .seconds(5)
 
         public init(url: String, tables: [String]) {
@@ -53,11 +57,43 @@ public final class PostgresCapture: Service, Sendable {
         var collection: String
         var keyColumns: [String]
         var columns: [(name: String, typeOID: UInt32)]
+        /// Each column's type modifier (a numeric's scale, say), which changes values' text too.
+        var typeModifiers: [Int] = []
+
+        /// The table's name, primary key, columns and their types, as one line.
+        var definition: String {
+            let described = columns.enumerated().map { index, column in
+                let modifier = index < typeModifiers.count ? typeModifiers[index] : -1
+                return modifier == -1
+                    ? "\(column.name) \(column.typeOID)" : "\(column.name) \(column.typeOID)(\(modifier))"
+            }
+            return "\(schema).\(name) key (\(keyColumns.joined(separator: ", "))) columns ("
+                + described.joined(separator: ", ") + ")"
+        }
+
+        /// The definitions of `tables`, one a line: what the records were copied under.
+        static func definitions(_ tables: [Table]) -> String {
+            tables.map(\.definition).joined(separator: "\n")
+        }
+    }
+
+    /// A captured table's definition is no longer the one its records were copied under.
+    struct TableDefinitionsChanged: Error, CustomStringConvertible {
+        var before: String
+        var now: String
+
+        var description: String {
+            let old = Set(before.split(separator: "\n"))
+            let changed = now.split(separator: "\n").filter { !old.contains($0) }
+            return "the definition of a captured table changed; now: \(changed.joined(separator: "; "))"
+        }
     }
 
     enum Marker {
         static let phase = "postgres.phase"
         static let lsn = "postgres.lsn"
+        /// ``Table/definitions(_:)`` of the tables the records were last copied from.
+        static let definitions = "postgres.definitions"
     }
 
     public let configuration: Configuration
@@ -95,6 +131,10 @@ public final class PostgresCapture: Service, Sendable {
                 // Only a shutdown ends the capture; a query cancelled under it is retried.
                 if Task.isCancelled || Task.isShuttingDownGracefully { return }
                 logger.warning("PostgreSQL query cancelled, retrying", metadata: ["error": "\(error)"])
+            } catch let error as TableDefinitionsChanged {
+                // The next session copies the tables again under their new definitions.
+                logger.warning("\(error)")
+                continue
             } catch let error as ConcordError where error.code == .invalidConfiguration {
                 logger.error("capture stopped: \(error.message)")
                 throw error
@@ -174,10 +214,14 @@ public final class PostgresCapture: Service, Sendable {
         let source = try await PostgresSource.connect(url: configuration.url, logger: logger)
         do {
             let tables = try await prepare(source)
+            try await dropSlotIfTablesChanged(tables, source: source)
             let slotExists = try await ensureSlot(source)
             let phase = try store.marker(Marker.phase)
             if !slotExists || phase != "streaming" {
                 try await copy(tables)
+            } else if try store.marker(Marker.definitions) == nil {
+                // Records copied before definitions were kept: taken as copied under these.
+                try await store.write([], marker: (Marker.definitions, Table.definitions(tables)))
             }
             // The replication connection is a session of its own.
             await source.close()
@@ -257,15 +301,13 @@ public final class PostgresCapture: Service, Sendable {
                     "table \(schema).\(name) has no primary key, and Concord keys records by it: "
                         + "ALTER TABLE \(schema).\(name) ADD PRIMARY KEY (...)")
             }
-            let columns = try await source.rows(
+            let described = try await source.rows(
                 """
-                SELECT attname::text, atttypid::int8 FROM pg_attribute
+                SELECT attname::text, atttypid::int8, atttypmod::int8 FROM pg_attribute
                 WHERE attrelid = \(oid)::oid AND attnum > 0 AND NOT attisdropped ORDER BY attnum
                 """
-            ).map { row in
-                let (column, type) = try row.decode((String, Int64).self)
-                return (name: column, typeOID: UInt32(truncatingIfNeeded: type))
-            }
+            ).map { row in try row.decode((String, Int64, Int64).self) }
+            let columns = described.map { (name: $0.0, typeOID: UInt32(truncatingIfNeeded: $0.1)) }
             do {
                 try CollectionName.validate(name)
             } catch {
@@ -275,9 +317,30 @@ public final class PostgresCapture: Service, Sendable {
                 throw ConcordError(.invalidConfiguration, "two captured tables are named \(name)")
             }
             tables.append(
-                Table(schema: schema, name: name, collection: name, keyColumns: keyColumns, columns: columns))
+                Table(
+                    schema: schema, name: name, collection: name, keyColumns: keyColumns, columns: columns,
+                    typeModifiers: described.map { Int($0.2) }))
         }
         return tables
+    }
+
+    /// When a captured table's definition differs from the one its records were copied under,
+    /// drops the slot, so that the tables are copied again from a new one.
+    ///
+    /// Rows an `ALTER TABLE` filled (a column added with a default) or emptied (a column
+    /// dropped) send no change, and changes the old slot still holds from before the change
+    /// would bring the old columns back over the copy: a slot made now holds only later ones.
+    func dropSlotIfTablesChanged(_ tables: [Table], source: PostgresSource) async throws {
+        let now = Table.definitions(tables)
+        guard let before = try store.marker(Marker.definitions), before != now else { return }
+        logger.warning(
+            "\(TableDefinitionsChanged(before: before, now: now)); creating the replication slot again and copying the tables"
+        )
+        // A stop from here on copies again at the next start, with or without the slot.
+        try await store.write([], marker: (Marker.phase, "copying"))
+        _ = try await source.rows(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = \(configuration.slot)"
+        )
     }
 
     /// Creates the slot when it does not exist; returns whether it existed.
@@ -349,6 +412,7 @@ public final class PostgresCapture: Service, Sendable {
         try await store.buildKeyHashIndex()
         // The slot's changes are replayed from its start: the copy may already hold some.
         try await store.write([], marker: (Marker.lsn, "0/0"))
+        try await store.write([], marker: (Marker.definitions, Table.definitions(tables)))
         try await store.write([], marker: (Marker.phase, "streaming"))
     }
 
@@ -477,6 +541,7 @@ public final class PostgresCapture: Service, Sendable {
                         try await Self.write(
                             queue, to: store, confirmingOn: stream, after: applied, logger: logger)
                     }
+                    group.addTask { try await self.watchDefinitions(of: tables) }
                     // Neither ends but by an error or a cancellation, which ends the other too.
                     try await group.next()
                     group.cancelAll()
@@ -487,6 +552,35 @@ public final class PostgresCapture: Service, Sendable {
             logger.warning("replication slot \(slot) is gone; creating it again and copying the tables")
             try await store.write([], marker: (Marker.phase, "copying"))
             throw error
+        }
+    }
+
+    /// Compares the tables' definitions with `tables` every `tableCheckInterval`, on a connection
+    /// of its own; throws ``TableDefinitionsChanged`` when one differs. A failed check (the
+    /// server restarting, say) is tried again at the next.
+    func watchDefinitions(of tables: [Table]) async throws {
+        let expected = Table.definitions(tables)
+        while true {
+            try await Task.sleep(for: configuration.tableCheckInterval)
+            let now: String
+            do {
+                let source = try await PostgresSource.connect(url: configuration.url, logger: logger)
+                do {
+                    now = Table.definitions(try await prepare(source))
+                    await source.close()
+                } catch {
+                    await source.close()
+                    throw error
+                }
+            } catch let error as ConcordError where error.code == .invalidConfiguration {
+                // A table gone or no longer readable: the capture cannot go on as it is.
+                throw error
+            } catch {
+                if Task.isCancelled { throw CancellationError() }
+                logger.debug("checking the tables' definitions failed", metadata: ["error": "\(error)"])
+                continue
+            }
+            if now != expected { throw TableDefinitionsChanged(before: expected, now: now) }
         }
     }
 

@@ -90,6 +90,13 @@ struct Serve: AsyncParsableCommand {
 
     @Option(
         help: """
+            With --postgres: seconds between checks of the captured tables' definitions (columns, \
+            types, primary key); after an ALTER TABLE the tables are copied again.
+            """)
+    var tableCheckSeconds = Serve.seconds(PostgresCapture.Configuration(url: "", tables: []).tableCheckInterval)
+
+    @Option(
+        help: """
             Require bearer tokens, read from this file: one token a line, NAME ROLE COLLECTIONS SECRET \
             (ROLE read, write or admin; COLLECTIONS a,b or *). Reloaded on SIGHUP and when the file changes.
             """)
@@ -151,7 +158,7 @@ struct Serve: AsyncParsableCommand {
             ("--max-streams", maxStreams), ("--stalled-client-seconds", stalledClientSeconds),
             ("--request-body-seconds", requestBodySeconds),
             ("--max-body-bytes", maxBodyBytes), ("--copy-batch", copyBatch),
-            ("--transaction-piece", transactionPiece),
+            ("--transaction-piece", transactionPiece), ("--table-check-seconds", tableCheckSeconds),
         ] where value < 1 {
             throw ValidationError("\(name) must be at least 1")
         }
@@ -222,6 +229,7 @@ struct Serve: AsyncParsableCommand {
             captureConfiguration.slot = slot
             captureConfiguration.copyBatch = copyBatch
             captureConfiguration.transactionPiece = transactionPiece
+            captureConfiguration.tableCheckInterval = .seconds(tableCheckSeconds)
             capture = PostgresCapture(configuration: captureConfiguration, store: store, logger: logger)
             configuration.writesRefused =
                 "this publisher captures its records from PostgreSQL; write to the database instead"

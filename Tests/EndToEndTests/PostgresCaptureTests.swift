@@ -550,6 +550,79 @@ import Testing
         await sql.close()
     }
 
+    /// A captured table's columns change (ALTER TABLE) while the publisher streams, and again
+    /// while it is down. Logical decoding sends no change for the rows an added column's default
+    /// fills or a dropped column empties: the publisher notices the new definition, copies the
+    /// tables again from a new slot, and the replica ends equal to the tables, column by column.
+    @Test func aTableWhoseColumnsChangeIsCopiedAgain() async throws {
+        let (url, sql) = try await Self.database()
+        try await Self.fillInitialRows(sql)
+        let folder = Harness.folder()
+        let log = folder.appendingPathComponent("serve.log")
+        let (first, port) = try await Self.serve(folder, url: url, extra: ["--table-check-seconds", "1"])
+        let replica = try ReplicaStore(path: folder.appendingPathComponent("replica.sqlite").path)
+        let servers = Mutex([first])
+        @Sendable func copiesAgain() throws -> Int {
+            try String(contentsOf: log, encoding: .utf8).components(separatedBy: "creating the replication slot again")
+                .count - 1
+        }
+        let withTier = "id::text, name, email, balance::text, active::text, meta::text, encode(avatar, 'hex'), tier"
+        let tierNames = ["id", "name", "email", "balance", "active", "meta", "avatar", "tier"]
+        try await VerificationTests.withSubscriber(url: "http://127.0.0.1:\(port)", replica: replica) {
+            try await Self.write(url: url, transactions: 30, seed: 7)
+            try await Self.waitForSentinel(replica, url: url, log: log)
+            #expect(try copiesAgain() == 0)
+            // While streaming, in one transaction (a migration): a column added with a default, a
+            // change to it, a column dropped; then an update that no longer names that column.
+            try await sql.run("BEGIN")
+            try await sql.run("ALTER TABLE customers ADD COLUMN tier text NOT NULL DEFAULT 'basic'")
+            try await sql.run("UPDATE customers SET tier = 'gold' WHERE id = 5")
+            try await sql.run("ALTER TABLE customers DROP COLUMN note")
+            try await sql.run("COMMIT")
+            try await sql.run("UPDATE customers SET name = 'after the drop' WHERE id = 6")
+            try await Harness.waitUntil("the publisher copies the tables again", timeout: .seconds(60)) {
+                try copiesAgain() == 1
+            }
+            try await sql.run("UPDATE customers SET tier = 'silver' WHERE id = 7")
+            try await Self.waitForSentinel(replica, url: url, log: log)
+            let customers = try await Self.differences(
+                replica, collection: "customers", sql: sql, query: "SELECT \(withTier) FROM customers",
+                columns: tierNames
+            ) { $0[0]! }
+            #expect(customers.isEmpty, "customers: \(customers.prefix(5))")
+            let stale = try replica.records(of: "customers").filter { $0.value.contains(#""note":"#) }
+            #expect(stale.isEmpty, "\(stale.count) records still hold the dropped column")
+
+            // While the publisher is down: a column added to the other table.
+            #expect(await first.terminate() == 0)
+            try await sql.run("ALTER TABLE order_lines ADD COLUMN shipped bool NOT NULL DEFAULT false")
+            try await sql.run("UPDATE order_lines SET shipped = true WHERE order_no = 'o3'")
+            let (second, _) = try await Self.serve(folder, url: url, port: port, extra: ["--table-check-seconds", "1"])
+            servers.withLock { $0.append(second) }
+            try await Self.waitForSentinel(replica, url: url, log: log, timeout: .seconds(120))
+            #expect(try copiesAgain() == 2)
+            // Only a numeric column's scale: the type stays, every balance's text changes, and
+            // no change is sent.
+            try await sql.run("ALTER TABLE customers ALTER COLUMN balance TYPE numeric(12,3)")
+            try await Harness.waitUntil("the publisher copies the tables again", timeout: .seconds(60)) {
+                try copiesAgain() == 3
+            }
+            try await Self.waitForSentinel(replica, url: url, log: log)
+        }
+        let lines = try await Self.differences(
+            replica, collection: "order_lines", sql: sql,
+            query: "SELECT order_no, line::text, qty::text, note, shipped::text FROM order_lines",
+            columns: ["order_no", "line", "qty", "note", "shipped"]
+        ) { "[\"\($0[0]!)\",\"\($0[1]!)\"]" }
+        #expect(lines.isEmpty, "order_lines: \(lines.prefix(5))")
+        let customers = try await Self.differences(
+            replica, collection: "customers", sql: sql, query: "SELECT \(withTier) FROM customers", columns: tierNames
+        ) { $0[0]! }
+        #expect(customers.isEmpty, "customers: \(customers.prefix(5))")
+        #expect(await servers.withLock { $0.last! }.terminate() == 0)
+        await sql.close()
+    }
+
     /// Lowers max_slot_wal_keep_size, switches WAL segments and checkpoints until the server has
     /// invalidated the test database's slot, then restores the setting.
     static func invalidateSlot(url: String, sql: SQLSession) async throws {
