@@ -31,8 +31,13 @@ public enum PublisherServer {
         public var maxWait: Duration = .seconds(60)
         /// How often an idle stream sends a heartbeat line.
         public var heartbeatInterval: Duration = .seconds(5)
-        /// Changes read from the log per stream write.
+        /// Changes read from the log at a time for a stream.
         public var streamBatch = 4096
+        /// Bytes of change lines a stream writes at a time (more when one line is longer). A
+        /// reader is cut as stalled when its connection stays full for `stalledClientTimeout`,
+        /// and each write must drain first: at the defaults any reader faster than 35 KB/s
+        /// keeps up. For 225-byte values a write holds about as many lines as `streamBatch`.
+        public var streamWriteBytes = 1 << 20
         /// Change streams one token may hold open at once (without tokens only `maxStreams` applies).
         public var maxStreamsPerToken = 16
         /// Change streams open at once in all.
@@ -580,7 +585,8 @@ struct API: Sendable {
                     // lines while the rest are encoded, and a slow reader drains each write well
                     // within the stalled-client limit.
                     var bytes = 0
-                    let runs = WireFormat.runs(of: kept, includeBefore: includeBefore, bytes: Self.bytesPerWrite)
+                    let runs = WireFormat.runs(
+                        of: kept, includeBefore: includeBefore, bytes: configuration.streamWriteBytes)
                     for run in runs {
                         let piece = kept[run]
                         var lines = JSONWriter(
@@ -610,12 +616,6 @@ struct API: Sendable {
             subscribers.served(subscriber, after: after, through: items.last?.lastLSN ?? after, changes: changes)
         }
     }
-
-    /// Bytes of change lines encoded and written at a time (more when one line is longer). A
-    /// reader is cut as stalled when its connection stays full for `stalledClientTimeout`; each
-    /// write must drain first, so at the defaults any reader faster than 35 KB/s keeps up. For
-    /// 225-byte values a write holds about as many lines as a read from the log (4,096).
-    static let bytesPerWrite = 1 << 20
 
     /// Writes `items`, each checkpoint right after the item that ends at its LSN.
     static func append(
