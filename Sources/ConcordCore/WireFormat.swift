@@ -70,8 +70,8 @@ public enum WireFormat {
         }
     }
 
-    /// Cuts `items` into runs of consecutive items whose lines take about `bytes` each: every
-    /// run holds at least one item, and one more line would take it to `bytes` or past.
+    /// Cuts `items` into runs of consecutive items whose lines take at most about `bytes` each,
+    /// and as many as fit: a line longer than `bytes` is a run of its own.
     ///
     /// A stream writes a run at a time. The publisher judges a reader stalled by how long its
     /// connection stays full, and a write is taken whole into that backlog: a write of a bounded
@@ -81,12 +81,13 @@ public enum WireFormat {
         var start = items.startIndex
         var size = 0
         for index in items.indices {
-            size += lineSize(of: items[index], includeBefore: includeBefore)
-            if size >= bytes {
-                runs.append(start..<(index + 1))
-                start = index + 1
+            let line = lineSize(of: items[index], includeBefore: includeBefore)
+            if size + line > bytes, index > start {
+                runs.append(start..<index)
+                start = index
                 size = 0
             }
+            size += line
         }
         if start < items.endIndex { runs.append(start..<items.endIndex) }
         return runs

@@ -57,6 +57,8 @@ public final class PostgresCapture: Service, Sendable {
         var collection: String
         var keyColumns: [String]
         var columns: [(name: String, typeOID: UInt32)]
+        /// The table's own OID: a table swapped in under the name (a new one renamed) differs.
+        var oid: Int64 = 0
         /// Each column's type modifier (a numeric's scale, say), which changes values' text too.
         var typeModifiers: [Int] = []
 
@@ -67,7 +69,7 @@ public final class PostgresCapture: Service, Sendable {
                 return modifier == -1
                     ? "\(column.name) \(column.typeOID)" : "\(column.name) \(column.typeOID)(\(modifier))"
             }
-            return "\(schema).\(name) key (\(keyColumns.joined(separator: ", "))) columns ("
+            return "\(schema).\(name) oid \(oid) key (\(keyColumns.joined(separator: ", "))) columns ("
                 + described.joined(separator: ", ") + ")"
         }
 
@@ -153,6 +155,13 @@ public final class PostgresCapture: Service, Sendable {
             } catch let error as ConcordError
                 where [.tooLarge, .invalidRequest, .protocolViolation].contains(error.code)
             {
+                // A change that no longer fits its table's definition (a renamed key column, say)
+                // is put right by copying the tables again under the new one.
+                if await definitionsChanged() {
+                    logger.warning(
+                        "a captured change does not fit its table's definition, which changed: \(error.message)")
+                    continue
+                }
                 // The same transaction would fail again on every retry while the slot holds the WAL.
                 throw ConcordError(
                     .invalidConfiguration, "a captured change cannot be stored (\(error.code)): \(error.message)")
@@ -221,6 +230,11 @@ public final class PostgresCapture: Service, Sendable {
                 try await copy(tables)
             } else if try store.marker(Marker.definitions) == nil {
                 // Records copied before definitions were kept: taken as copied under these.
+                logger.info(
+                    """
+                    keeping the captured tables' definitions from now on; a table altered before \
+                    this start is not noticed (drop the slot to copy the tables again)
+                    """)
                 try await store.write([], marker: (Marker.definitions, Table.definitions(tables)))
             }
             // The replication connection is a session of its own.
@@ -319,9 +333,20 @@ public final class PostgresCapture: Service, Sendable {
             tables.append(
                 Table(
                     schema: schema, name: name, collection: name, keyColumns: keyColumns, columns: columns,
-                    typeModifiers: described.map { Int($0.2) }))
+                    oid: oid, typeModifiers: described.map { Int($0.2) }))
         }
         return tables
+    }
+
+    /// Whether the tables' definitions in the catalog differ from those the records were copied
+    /// under; false when they cannot be read.
+    func definitionsChanged() async -> Bool {
+        guard let before = try? store.marker(Marker.definitions),
+            let source = try? await PostgresSource.connect(url: configuration.url, logger: logger)
+        else { return false }
+        let now = try? await prepare(source)
+        await source.close()
+        return now.map { Table.definitions($0) != before } ?? false
     }
 
     /// When a captured table's definition differs from the one its records were copied under,
@@ -333,13 +358,24 @@ public final class PostgresCapture: Service, Sendable {
     func dropSlotIfTablesChanged(_ tables: [Table], source: PostgresSource) async throws {
         let now = Table.definitions(tables)
         guard let before = try store.marker(Marker.definitions), before != now else { return }
-        logger.warning(
-            "\(TableDefinitionsChanged(before: before, now: now)); creating the replication slot again and copying the tables"
-        )
         // A stop from here on copies again at the next start, with or without the slot.
         try await store.write([], marker: (Marker.phase, "copying"))
+        // Only this capture's slot (``ensureSlot(_:)`` refuses one of another database or plugin),
+        // once the connection that streamed from it has let go of it (a moment after it closed).
+        let slot = configuration.slot
+        for _ in 0..<50 {
+            let active = try await source.rows(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = \(slot) AND active")
+            if active.isEmpty { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
         _ = try await source.rows(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = \(configuration.slot)"
+            """
+            SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+            WHERE slot_name = \(slot) AND database = current_database() AND plugin = 'wal2json'
+            """)
+        logger.warning(
+            "\(TableDefinitionsChanged(before: before, now: now)); creating the replication slot again and copying the tables"
         )
     }
 
@@ -542,7 +578,7 @@ public final class PostgresCapture: Service, Sendable {
                             queue, to: store, confirmingOn: stream, after: applied, logger: logger)
                     }
                     group.addTask { try await self.watchDefinitions(of: tables) }
-                    // Neither ends but by an error or a cancellation, which ends the other too.
+                    // None ends but by an error or a cancellation, which ends the others too.
                     try await group.next()
                     group.cancelAll()
                 }
@@ -573,8 +609,11 @@ public final class PostgresCapture: Service, Sendable {
                     throw error
                 }
             } catch let error as ConcordError where error.code == .invalidConfiguration {
-                // A table gone or no longer readable: the capture cannot go on as it is.
-                throw error
+                // A migration's passing state (a table renamed away, a key dropped before it is
+                // added again) must not stop the capture: the next check, or the next start,
+                // tells.
+                logger.warning("the captured tables cannot be checked: \(error.message)")
+                continue
             } catch {
                 if Task.isCancelled { throw CancellationError() }
                 logger.debug("checking the tables' definitions failed", metadata: ["error": "\(error)"])

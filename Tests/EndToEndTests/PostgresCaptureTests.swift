@@ -581,7 +581,7 @@ import Testing
             try await sql.run("COMMIT")
             try await sql.run("UPDATE customers SET name = 'after the drop' WHERE id = 6")
             try await Harness.waitUntil("the publisher copies the tables again", timeout: .seconds(60)) {
-                try copiesAgain() == 1
+                try copiesAgain() >= 1
             }
             try await sql.run("UPDATE customers SET tier = 'silver' WHERE id = 7")
             try await Self.waitForSentinel(replica, url: url, log: log)
@@ -600,19 +600,28 @@ import Testing
             let (second, _) = try await Self.serve(folder, url: url, port: port, extra: ["--table-check-seconds", "1"])
             servers.withLock { $0.append(second) }
             try await Self.waitForSentinel(replica, url: url, log: log, timeout: .seconds(120))
-            #expect(try copiesAgain() == 2)
+            #expect(try copiesAgain() >= 2)
             // Only a numeric column's scale: the type stays, every balance's text changes, and
             // no change is sent.
             try await sql.run("ALTER TABLE customers ALTER COLUMN balance TYPE numeric(12,3)")
             try await Harness.waitUntil("the publisher copies the tables again", timeout: .seconds(60)) {
-                try copiesAgain() == 3
+                try copiesAgain() >= 3
             }
             try await Self.waitForSentinel(replica, url: url, log: log)
+            // A key column renamed, then a row inserted: its change no longer names the key the
+            // publisher knows. The publisher copies again rather than stopping.
+            try await sql.run("ALTER TABLE order_lines RENAME COLUMN line TO line_no")
+            try await sql.run("INSERT INTO order_lines (order_no, line_no, qty, shipped) VALUES ('new', 1, 1, true)")
+            try await Harness.waitUntil("the publisher copies the tables again", timeout: .seconds(60)) {
+                try copiesAgain() >= 4
+            }
+            try await Self.waitForSentinel(replica, url: url, log: log)
+            #expect(servers.withLock { $0.last! }.isRunning)
         }
         let lines = try await Self.differences(
             replica, collection: "order_lines", sql: sql,
-            query: "SELECT order_no, line::text, qty::text, note, shipped::text FROM order_lines",
-            columns: ["order_no", "line", "qty", "note", "shipped"]
+            query: "SELECT order_no, line_no::text, qty::text, note, shipped::text FROM order_lines",
+            columns: ["order_no", "line_no", "qty", "note", "shipped"]
         ) { "[\"\($0[0]!)\",\"\($0[1]!)\"]" }
         #expect(lines.isEmpty, "order_lines: \(lines.prefix(5))")
         let customers = try await Self.differences(
