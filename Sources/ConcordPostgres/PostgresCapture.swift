@@ -38,8 +38,8 @@ public final class PostgresCapture: Service, Sendable {
         /// this many, each written while the next is read, in one SQLite transaction that commits
         /// with the source's: readers still see it whole, and the publisher never holds it whole.
         public var transactionPiece = 10_000
-        /// How often, while streaming, the captured tables' definitions (columns, their types,
-        /// the primary key) are compared with those the records were copied under. Logical
+        /// How often, while streaming, the captured tables' definitions (OID, columns, their
+        /// types and modifiers, the primary key) are compared with those the records were copied under. Logical
         /// decoding carries no DDL: rows an `ALTER TABLE` filled or emptied send no change.
         public var tableCheckInterval: Duration = .seconds(30)
         public var backoffMaximum: Duration = .seconds(5)
@@ -62,7 +62,7 @@ public final class PostgresCapture: Service, Sendable {
         /// Each column's type modifier (a numeric's scale, say), which changes values' text too.
         var typeModifiers: [Int] = []
 
-        /// The table's name, primary key, columns and their types, as one line.
+        /// The table's name, OID, primary key, columns, and their types and modifiers, as one line.
         var definition: String {
             let described = columns.enumerated().map { index, column in
                 let modifier = index < typeModifiers.count ? typeModifiers[index] : -1
@@ -133,9 +133,9 @@ public final class PostgresCapture: Service, Sendable {
                 // Only a shutdown ends the capture; a query cancelled under it is retried.
                 if Task.isCancelled || Task.isShuttingDownGracefully { return }
                 logger.warning("PostgreSQL query cancelled, retrying", metadata: ["error": "\(error)"])
-            } catch let error as TableDefinitionsChanged {
-                // The next session copies the tables again under their new definitions.
-                logger.warning("\(error)")
+            } catch is TableDefinitionsChanged {
+                // The next session copies the tables again under their new definitions, and
+                // says so in the log.
                 continue
             } catch let error as ConcordError where error.code == .invalidConfiguration {
                 logger.error("capture stopped: \(error.message)")
@@ -1007,7 +1007,7 @@ struct TransactionBuilder: Sendable {
 
 /// The transactions read from the replication stream and not yet in the log, handed from the
 /// reading task to the writing one, which waits for them without polling: an idle capture
-/// costs no wake-ups, and a transaction goes into the log as soon as it is queued.
+/// wakes once a second, and a transaction goes into the log as soon as it is queued.
 final class CapturedTransactions: Sendable {
     struct Batch {
         var transactions: [[WriteOperation]] = []

@@ -33,7 +33,7 @@ public enum PublisherServer {
         public var heartbeatInterval: Duration = .seconds(5)
         /// Changes read from the log at a time for a stream.
         public var streamBatch = 4096
-        /// Bytes of change lines a stream writes at a time (more when one line is longer). A
+        /// Bytes of change lines a stream writes at a time (a longer line goes alone). A
         /// reader is cut as stalled when its connection stays full for `stalledClientTimeout`,
         /// and each write must drain first: at the defaults any reader faster than 35 KB/s
         /// keeps up. For 225-byte values a write holds about as many lines as `streamBatch`.
