@@ -1026,14 +1026,16 @@ final class CapturedTransactions: Sendable {
         var changes = 0
         var durableNumber = 0
         var lastHeard = ContinuousClock.now
-        /// The writer, while it waits for work.
-        var writer: CheckedContinuation<Void, Never>?
-        /// Work came while the writer was not waiting: its next wait returns at once.
-        var rung = false
+        /// How many times work came for the writer, and how many of those its last
+        /// ``takeAll()`` took.
+        var rings: LSN = 0
+        var taken: LSN = 0
     }
 
     let limit: Int
     private let state = Mutex(State())
+    /// `rings` as it moves, for the writer to wait on.
+    private let rang = HeadWatch(head: 0)
 
     init(limit: Int) {
         self.limit = limit
@@ -1087,40 +1089,17 @@ final class CapturedTransactions: Sendable {
 
     /// Wakes the writer, or makes its next wait return at once.
     private func ring() {
-        let writer = state.withLock { state -> CheckedContinuation<Void, Never>? in
-            guard let writer = state.writer else {
-                state.rung = true
-                return nil
-            }
-            state.writer = nil
-            return writer
+        let rings = state.withLock { state in
+            state.rings += 1
+            return state.rings
         }
-        writer?.resume()
+        rang.advance(to: rings)
     }
 
     /// Waits until a transaction is queued or the server asks for a reply (since the last
-    /// ``takeAll()``), `timeout` passes, or the task is cancelled. One writer waits at a time.
+    /// ``takeAll()``), `timeout` passes, or the task is cancelled.
     func waitForWork(timeout: Duration) async {
-        let timer = Task {
-            guard (try? await Task.sleep(for: timeout)) != nil else { return }
-            self.ring()
-        }
-        defer { timer.cancel() }
-        await withTaskCancellationHandler {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                let rung = state.withLock { state in
-                    if state.rung {
-                        state.rung = false
-                        return true
-                    }
-                    state.writer = continuation
-                    return false
-                }
-                if rung { continuation.resume() }
-            }
-        } onCancel: {
-            ring()
-        }
+        _ = await rang.wait(beyond: state.withLock { $0.taken }, timeout: timeout)
     }
 
     /// Whether the server asked for an answer, which this takes.
@@ -1138,7 +1117,7 @@ final class CapturedTransactions: Sendable {
                 state.batch = Batch()
                 state.changes = 0
                 // Whatever rang is taken here.
-                state.rung = false
+                state.taken = state.rings
             }
             return state.batch
         }
