@@ -341,12 +341,24 @@ public final class PostgresCapture: Service, Sendable {
     /// Whether the tables' definitions in the catalog differ from those the records were copied
     /// under; false when they cannot be read.
     func definitionsChanged() async -> Bool {
-        guard let before = try? store.marker(Marker.definitions),
-            let source = try? await PostgresSource.connect(url: configuration.url, logger: logger)
-        else { return false }
-        let now = try? await prepare(source)
-        await source.close()
-        return now.map { Table.definitions($0) != before } ?? false
+        guard let before = try? store.marker(Marker.definitions), let now = try? await catalogDefinitions() else {
+            return false
+        }
+        return now != before
+    }
+
+    /// The captured tables' definitions as the catalog has them now, read on a connection of
+    /// its own (``prepare(_:)``'s checks included).
+    func catalogDefinitions() async throws -> String {
+        let source = try await PostgresSource.connect(url: configuration.url, logger: logger)
+        do {
+            let tables = try await prepare(source)
+            await source.close()
+            return Table.definitions(tables)
+        } catch {
+            await source.close()
+            throw error
+        }
     }
 
     /// When a captured table's definition differs from the one its records were copied under,
@@ -600,14 +612,7 @@ public final class PostgresCapture: Service, Sendable {
             try await Task.sleep(for: configuration.tableCheckInterval)
             let now: String
             do {
-                let source = try await PostgresSource.connect(url: configuration.url, logger: logger)
-                do {
-                    now = Table.definitions(try await prepare(source))
-                    await source.close()
-                } catch {
-                    await source.close()
-                    throw error
-                }
+                now = try await catalogDefinitions()
             } catch let error as ConcordError where error.code == .invalidConfiguration {
                 // A migration's passing state (a table renamed away, a key dropped before it is
                 // added again) must not stop the capture: the next check, or the next start,
